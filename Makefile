@@ -1,0 +1,29 @@
+# The two commands:  make demo  (run the main job)   make test  (run the tests)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tdml-installed
+OUT ?= runs/demo
+
+.PHONY: demo test install clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first: the CPU build 2.13.0 lies on this machine; any other request pulls GBs of CUDA wheels.
+$(STAMP): pyproject.toml $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps "torchvision==0.28.0"
+	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tdml train examples/digits.yaml --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Prefect flows of TDML and the ``tdml`` command."""

@@ -1,0 +1,1 @@
+"""Prefect tasks of TDML: one retryable protocol step each, calling tdml_core."""

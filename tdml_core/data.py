@@ -1,0 +1,148 @@
+"""Datasets and their deterministic sharding.
+
+- digits: scikit-learn's 8x8 handwritten digits (shipped with the package, no download)
+- cifar10: read from a local folder in the standard python-pickle layout
+- synthetic: class-dependent Gaussian images for scale tests
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from tdml_core.config import DatasetSpec
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class DatasetError(ValueError):
+    pass
+
+
+@dataclass
+class Dataset:
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+
+def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split
+
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+
+
+def _digits(spec: DatasetSpec, seed: int):
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    x = (bunch.images / 16.0).astype(np.float32)[:, None, :, :]
+    tx, vx, ty, vy = _split(x, bunch.target.astype(np.int64), spec.test_fraction, seed)
+    return tx, ty, vx, vy, 10
+
+
+def _cifar_folder(path: Path) -> Path:
+    for candidate in (path, path / "cifar-10-batches-py"):
+        if (candidate / "test_batch").is_file():
+            return candidate
+    raise DatasetError(
+        f"{path} holds no CIFAR-10 python batches: expected data_batch_1..5 and test_batch "
+        "(the 'CIFAR-10 python version' layout), here or in cifar-10-batches-py/"
+    )
+
+
+def _cifar_batch(file: Path):
+    if not file.is_file():
+        raise DatasetError(f"CIFAR-10 file missing: {file}")
+    with file.open("rb") as fh:
+        try:
+            d = pickle.load(fh, encoding="bytes")
+        except Exception as exc:
+            raise DatasetError(f"{file} is not a CIFAR-10 python batch ({exc})") from None
+    data = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+    labels = np.asarray(d[b"labels"], dtype=np.int64)
+    return data, labels
+
+
+def _cifar10(spec: DatasetSpec, seed: int):
+    folder = _cifar_folder(Path(spec.path))
+    parts = [_cifar_batch(folder / f"data_batch_{i}") for i in range(1, 6)]
+    tx = np.concatenate([p[0] for p in parts])
+    ty = np.concatenate([p[1] for p in parts])
+    vx, vy = _cifar_batch(folder / "test_batch")
+    mean = np.asarray(CIFAR_MEAN, dtype=np.float32)[None, :, None, None]
+    std = np.asarray(CIFAR_STD, dtype=np.float32)[None, :, None, None]
+
+    def norm(a):
+        return ((a.astype(np.float32) / 255.0) - mean) / std
+
+    return norm(tx), ty, norm(vx), vy, 10
+
+
+def _synthetic(spec: DatasetSpec, seed: int):
+    s = spec.synthetic
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(0, 1, size=(s.classes, *s.shape)).astype(np.float32)
+    y = rng.integers(0, s.classes, size=s.samples)
+    x = prototypes[y] + rng.normal(0, 1.5, size=(s.samples, *s.shape)).astype(np.float32)
+    tx, vx, ty, vy = _split(x, y.astype(np.int64), spec.test_fraction, seed)
+    return tx, ty, vx, vy, s.classes
+
+
+_LOADERS = {"digits": _digits, "cifar10": _cifar10, "synthetic": _synthetic}
+
+
+def load_dataset(spec: DatasetSpec, seed: int = 0) -> Dataset:
+    """The whole training set and the fixed test set, as float32 / int64 tensors."""
+    tx, ty, vx, vy, classes = _LOADERS[spec.name](spec, seed)
+    if spec.limit is not None:
+        tx, ty = tx[: spec.limit], ty[: spec.limit]
+    return Dataset(
+        name=spec.name,
+        train_x=torch.from_numpy(np.ascontiguousarray(tx)),
+        train_y=torch.from_numpy(np.ascontiguousarray(ty)),
+        test_x=torch.from_numpy(np.ascontiguousarray(vx)),
+        test_y=torch.from_numpy(np.ascontiguousarray(vy)),
+        num_classes=classes,
+    )
+
+
+def shard_indices(n: int, n_shards: int, seed: int) -> list[np.ndarray]:
+    """Split ``range(n)`` into ``n_shards`` disjoint, near-equal, seeded-random shards."""
+    if n_shards < 1 or n_shards > n:
+        raise DatasetError(f"cannot cut {n} samples into {n_shards} shards")
+    order = np.random.default_rng(seed).permutation(n)
+    return [np.sort(part) for part in np.array_split(order, n_shards)]
+
+
+def shard(ds: Dataset, index: int, n_shards: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.from_numpy(shard_indices(len(ds.train_y), n_shards, seed)[index])
+    return ds.train_x[idx], ds.train_y[idx]
+
+
+def num_batches(n: int, batch_size: int) -> int:
+    return n // batch_size
+
+
+def batches(
+    x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Full batches in a seeded order; the remainder is dropped so every batch splits evenly."""
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=g)
+    for b in range(num_batches(len(y), batch_size)):
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        yield x[idx], y[idx]

@@ -1,0 +1,1 @@
+"""Validation, detection and aggregation rules."""

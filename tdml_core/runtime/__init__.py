@@ -1,0 +1,1 @@
+"""Pipeline-parallel, data-parallel training over torch.distributed."""

@@ -1,0 +1,96 @@
+"""Reference points on the same data split: one node, and plain FedAvg."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tdml_core.config import JobSpec
+from tdml_core.data import batches, shard
+from tdml_core.robust.aggregate import average_states
+from tdml_core.robust.validate import evaluate
+from tdml_core.runtime.context import epoch_seed, load_job, make_optimizer
+from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate
+
+
+def local_epoch(model: nn.Module, opt, x, y, spec: JobSpec, seed: int) -> float:
+    """One epoch of plain (unsplit) training; the mean batch loss."""
+    model.train()
+    total, n = 0.0, 0
+    for xb, yb in batches(x, y, spec.batch_size, seed):
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        n += 1
+    return total / max(n, 1)
+
+
+def _record(epoch: int, model, ds, local: list[dict], t: float) -> dict:
+    acc, loss = evaluate(model, ds.test_x, ds.test_y)
+    return {
+        "epoch": epoch,
+        "global_accuracy": acc,
+        "global_loss": loss,
+        "local": local,
+        "wall_s": time.perf_counter() - t,
+    }
+
+
+def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
+    """The whole training set on one process, no split, no averaging."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    ds, model = load_job(spec)
+    opt = make_optimizer(spec, model.parameters())
+    result = RunResult(mode="single", plan=None)
+    for epoch in range(spec.epochs):
+        te = time.perf_counter()
+        train_loss = local_epoch(model, opt, ds.train_x, ds.train_y, spec, epoch_seed(spec, epoch, 0))
+        rec = _record(epoch, model, ds, [], te)
+        rec["train_loss"] = train_loss
+        result.epochs.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+    result.global_state = model.state_dict()
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
+    """``data_parallel`` clients on the same shards; every epoch all of them are averaged."""
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    ds, model = load_job(spec)
+    n = spec.data_parallel
+    shards = [shard(ds, p, n, spec.seed) for p in range(n)]
+    clients = [copy.deepcopy(model) for _ in range(n)]
+    opts = [make_optimizer(spec, c.parameters()) for c in clients]
+    global_state = {k: v.clone() for k, v in model.state_dict().items()}
+    result = RunResult(mode="fedavg", plan=None)
+    for epoch in range(spec.epochs):
+        te = time.perf_counter()
+        losses = []
+        for p, (client, opt, (x, y)) in enumerate(zip(clients, opts, shards)):
+            client.load_state_dict(global_state)
+            losses.append(local_epoch(client, opt, x, y, spec, epoch_seed(spec, epoch, p)))
+        states = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in clients]
+        scores = cross_validate(model, states, ds)
+        global_state = average_states(states)
+        model.load_state_dict(global_state)
+        local = [
+            {"pipeline": p, "accuracy": a, "loss": l, "train_loss": tl, "selected": True}
+            for p, ((a, l), tl) in enumerate(zip(scores, losses))
+        ]
+        rec = _record(epoch, model, ds, local, te)
+        result.epochs.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+    result.global_state = global_state
+    result.wall_s = time.perf_counter() - t0
+    return result

@@ -1,0 +1,50 @@
+"""What every participant derives the same way from a job spec: data, model, plan, optimizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tdml_core.config import JobSpec
+from tdml_core.data import Dataset, load_dataset
+from tdml_core.model import BYTES_PER_VALUE, OPTIMIZER_STATES, StagePlan, build_model, plan_stages
+
+
+def example_microbatch(ds: Dataset, spec: JobSpec) -> torch.Tensor:
+    return ds.train_x[: spec.microbatch_size].clone()
+
+
+def new_model(spec: JobSpec, ds: Dataset) -> nn.Module:
+    """The job's model with its seeded initial weights (the epoch-0 global model)."""
+    return build_model(
+        spec.model, ds.num_classes, ds.in_channels, example_microbatch(ds, spec), spec.seed, spec.model_args
+    )
+
+
+def make_plan(spec: JobSpec, model: nn.Module, ds: Dataset) -> StagePlan:
+    return plan_stages(
+        model,
+        example_microbatch(ds, spec),
+        None if spec.stages == "auto" else spec.stages,
+        spec.trainers or None,
+        bytes_per_value=BYTES_PER_VALUE[spec.precision],
+        optimizer_states=OPTIMIZER_STATES[spec.optimizer],
+    )
+
+
+def make_optimizer(spec: JobSpec, params) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def epoch_seed(spec: JobSpec, epoch: int, pipeline: int) -> int:
+    """Batch order of one pipeline in one epoch: the same on all of its stages."""
+    return spec.seed * 1_000_003 + epoch * 1009 + pipeline
+
+
+def load_job(spec: JobSpec) -> tuple[Dataset, nn.Module]:
+    ds = load_dataset(spec.dataset, spec.seed)
+    if spec.data_parallel > len(ds.train_y):
+        raise ValueError(f"data_parallel ({spec.data_parallel}) exceeds the {len(ds.train_y)} training samples")
+    return ds, new_model(spec, ds)
