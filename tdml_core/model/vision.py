@@ -22,7 +22,10 @@ class TorchvisionUnavailable(ImportError):
 
 
 def _bare_package() -> types.ModuleType:
-    spec = importlib.util.find_spec("torchvision")
+    try:
+        spec = importlib.util.find_spec("torchvision")
+    except (ImportError, ValueError):
+        spec = None
     if spec is None or spec.origin is None:
         raise TorchvisionUnavailable(
             "torchvision is not installed; install the release that pins this torch "

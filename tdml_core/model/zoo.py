@@ -30,9 +30,12 @@ class DigitsCNN(nn.Module):
 
 def _cifar_resnet(depth: int, num_classes: int, in_channels: int) -> nn.Module:
     """torchvision's ResNet in the CIFAR-10 layout: 3x3 stem, stride 1, no max-pool."""
-    from tdml_core.model.vision import torchvision_module
+    from tdml_core.model.vision import TorchvisionUnavailable, torchvision_module
 
-    models = torchvision_module("models")
+    try:
+        models = torchvision_module("models")
+    except TorchvisionUnavailable as exc:
+        raise ModelError(f"resnet{depth}: {exc}") from None
     net = getattr(models, f"resnet{depth}")(num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     net.maxpool = nn.Identity()
