@@ -14,16 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def _quiet_warnings() -> None:
-    # torch.export's pytree pickling warns on every trace; it says nothing to a user
-    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.distributed\.pipelining")
 
 
 def _console():
@@ -145,8 +138,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_warnings()
     args = parser().parse_args(argv)
+    from tdml_core.model.split import quiet_trace_warnings
+
+    quiet_trace_warnings()
     from tdml_core.errors import USER_ERRORS
     from tdml_core.runtime.cluster import StageFailure
 

@@ -28,6 +28,13 @@ class SplitError(PlanError):
     pass
 
 
+def quiet_trace_warnings() -> None:
+    """torch.export's pytree pickling warns on every trace; it tells a user nothing."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+
+
 def trace_pipe(model: nn.Module, example: torch.Tensor, split_points: list[str]):
     """Trace a copy of ``model`` and cut it before ``split_points``.
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
 from tdml_core.model import StagePlan, split_model
+from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer
 
 
@@ -124,6 +125,7 @@ class StageProcess:
 def stage_main(args: StageArgs, conn) -> None:
     """Entry point of a stage process."""
     torch.set_num_threads(1)
+    quiet_trace_warnings()
     try:
         dist.init_process_group(
             "gloo",
