@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# A real EVM node for integration tests: anvil from npm (@foundry-rs/anvil, a linux binary).
+#   infra/anvil.sh install            install it under infra/node_modules (once)
+#   infra/anvil.sh start PIDFILE      start it on a free loopback port; prints its URL
+#   infra/anvil.sh stop PIDFILE       stop it by its PID
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+VERSION=1.7.1
+BIN="$HERE/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+
+install() {
+  if [ ! -x "$BIN" ]; then
+    npm install --prefix "$HERE" --no-audit --no-fund --silent "@foundry-rs/anvil@$VERSION" >&2
+  fi
+  [ -x "$BIN" ] || { echo "anvil binary missing after npm install: $BIN" >&2; exit 1; }
+}
+
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+start() {
+  local pidfile="$1"
+  install
+  local port; port="$(free_port)"
+  "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 \
+    > "$pidfile.log" 2>&1 &
+  echo $! > "$pidfile"
+  for _ in $(seq 1 100); do
+    if curl -s -X POST -H 'content-type: application/json' \
+        --data '{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}' \
+        "http://127.0.0.1:$port" | grep -q result; then
+      echo "http://127.0.0.1:$port"
+      return 0
+    fi
+    sleep 0.1
+  done
+  echo "anvil did not answer on port $port; see $pidfile.log" >&2
+  stop "$pidfile"
+  exit 1
+}
+
+stop() {
+  local pidfile="$1"
+  if [ -f "$pidfile" ]; then
+    kill "$(cat "$pidfile")" 2>/dev/null || true
+    rm -f "$pidfile"
+  fi
+}
+
+cmd="${1:-}"; shift || true
+case "$cmd" in
+  install) install ;;
+  start) start "${1:?pidfile}" ;;
+  stop) stop "${1:?pidfile}" ;;
+  *) echo "usage: $0 install | start PIDFILE | stop PIDFILE" >&2; exit 2 ;;
+esac

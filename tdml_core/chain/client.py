@@ -1,0 +1,153 @@
+"""A web3.py client whose every transaction is signed locally by its sender.
+
+Backends: ``embedded`` (web3's EthereumTesterProvider on py-evm, needing only
+pip) and any JSON-RPC node by URL (``http://127.0.0.1:8545``). The node never
+holds a participant's key: transactions are built here, signed with the
+participant's own eth-account key, and sent raw. A relay may submit a
+transaction someone else signed (``submit_signed``) but never signs for them.
+Events are read from receipts (or narrow block ranges), never by scanning from
+genesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.contract import Contract
+from web3.logs import DISCARD
+
+from tdml_core.chain.compile import compile_contract
+
+# anvil's first development account (its well-known test mnemonic): the faucet on a local node
+ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
+
+
+class ChainError(RuntimeError):
+    """A transaction reverted or the node refused it; the message carries the reason."""
+
+
+@dataclass
+class Sent:
+    receipt: dict
+    gas_used: int
+
+    @property
+    def tx_hash(self) -> str:
+        return self.receipt["transactionHash"].hex()
+
+
+def _reason(exc: Exception) -> str:
+    msg = getattr(exc, "message", None) or (exc.args[0] if exc.args else str(exc))
+    if isinstance(msg, dict):
+        msg = msg.get("message", str(msg))
+    return str(msg)
+
+
+class Chain:
+    def __init__(self, url: str = "embedded"):
+        self.url = url
+        if url == "embedded":
+            from web3 import EthereumTesterProvider
+
+            provider = EthereumTesterProvider()
+            self.w3 = Web3(provider)
+            self.faucet = Account.from_key(provider.ethereum_tester.backend.account_keys[0])
+        elif url.startswith(("http://", "https://")):
+            self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
+            if not self.w3.is_connected():
+                raise ChainError(f"no JSON-RPC node answers at {url}")
+            self.faucet = Account.from_key(ANVIL_DEV_KEY)
+        else:
+            raise ChainError(f"unknown chain {url!r}: use 'embedded' or an http(s) JSON-RPC URL")
+        self.chain_id = self.w3.eth.chain_id
+        self.tx_count = 0
+        self._nonces: dict[str, int] = {}
+
+    # -- accounts -----------------------------------------------------------
+    def balance(self, address: str) -> int:
+        return self.w3.eth.get_balance(address)
+
+    def fund(self, address: str, wei: int) -> Sent:
+        return self.send(self.faucet, {"to": address, "value": wei})
+
+    def _nonce(self, address: str) -> int:
+        if address not in self._nonces:
+            self._nonces[address] = self.w3.eth.get_transaction_count(address, "pending")
+        return self._nonces[address]
+
+    # -- building, signing, sending -------------------------------------------
+    def _fees(self) -> dict:
+        base = self.w3.eth.get_block("latest").get("baseFeePerGas", 10**9)
+        tip = 10**9
+        return {"maxFeePerGas": 2 * base + tip, "maxPriorityFeePerGas": tip}
+
+    def build(self, sender: LocalAccount, tx: dict) -> dict:
+        tx = {"from": sender.address, "chainId": self.chain_id, "nonce": self._nonce(sender.address),
+              **self._fees(), **tx}
+        if "gas" not in tx:
+            try:
+                tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2) + 10_000
+            except Exception as exc:
+                raise ChainError(f"reverted: {_reason(exc)}") from None
+        return tx
+
+    def sign(self, sender: LocalAccount, tx: dict) -> bytes:
+        """A raw signed transaction, made with ``sender``'s own key."""
+        signed = sender.sign_transaction(self.build(sender, tx))
+        self._nonces[sender.address] += 1
+        return bytes(signed.raw_transaction)
+
+    def submit_signed(self, raw: bytes) -> Sent:
+        """Send a transaction signed by someone else (a relay never signs for them)."""
+        try:
+            h = self.w3.eth.send_raw_transaction(raw)
+        except Exception as exc:
+            self._nonces.clear()
+            raise ChainError(f"refused: {_reason(exc)}") from None
+        receipt = self.w3.eth.wait_for_transaction_receipt(h, timeout=60)
+        self.tx_count += 1
+        if receipt["status"] != 1:
+            raise ChainError(f"transaction {h.hex()} reverted")
+        return Sent(dict(receipt), receipt["gasUsed"])
+
+    def send(self, sender: LocalAccount, tx: dict) -> Sent:
+        return self.submit_signed(self.sign(sender, tx))
+
+    def transact(self, sender: LocalAccount, call, value: int = 0) -> Sent:
+        """Sign and send a contract call as ``sender``."""
+        try:  # build_transaction estimates gas, which is where a revert shows first
+            tx = call.build_transaction({"from": sender.address, "value": value, "chainId": self.chain_id,
+                                         "nonce": self._nonce(sender.address), **self._fees()})
+        except Exception as exc:
+            raise ChainError(f"reverted: {_reason(exc)}") from None
+        tx.pop("from", None)
+        return self.send(sender, tx)
+
+    # -- contracts -----------------------------------------------------------
+    def contract(self, name, address: str) -> Contract:
+        art = compile_contract(name) if isinstance(name, str) else name
+        return self.w3.eth.contract(address=address, abi=art.abi)
+
+    def deploy(self, sender: LocalAccount, name, *args, blueprint: bool = False) -> tuple[str, Sent]:
+        """Deploy a contract (by name from contracts/, or a compiled Artifact) as ``sender``."""
+        art = compile_contract(name) if isinstance(name, str) else name
+        if blueprint:
+            sent = self.send(sender, {"data": art.blueprint_bytecode})
+        else:
+            factory = self.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
+            data = factory.constructor(*args).data_in_transaction
+            sent = self.send(sender, {"data": data})
+        return sent.receipt["contractAddress"], sent
+
+    def events(self, contract: Contract, sent: Sent, event: str) -> list[dict]:
+        """Decoded ``event`` logs of one transaction, from its receipt."""
+        ev = getattr(contract.events, event)()
+        return [dict(e["args"]) for e in ev.process_receipt(sent.receipt, errors=DISCARD)]
+
+    def logs(self, contract: Contract, event: str, from_block: int, to_block: int | str = "latest") -> list[dict]:
+        """Decoded ``event`` logs in a narrow block range."""
+        ev = getattr(contract.events, event)()
+        return [dict(e["args"]) for e in ev.get_logs(from_block=from_block, to_block=to_block)]
