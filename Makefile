@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tdml-installed
 OUT ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test install bench clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q "torch==2.13.0"
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "torchvision==0.28.0"
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
+	infra/anvil.sh install
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -24,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/python bench/chain_bench.py
 
 clean:
 	rm -rf $(VENV) runs

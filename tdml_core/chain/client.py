@@ -107,7 +107,7 @@ class Chain:
         except Exception as exc:
             self._nonces.clear()
             raise ChainError(f"refused: {_reason(exc)}") from None
-        receipt = self.w3.eth.wait_for_transaction_receipt(h, timeout=60)
+        receipt = self.w3.eth.wait_for_transaction_receipt(h, timeout=60, poll_latency=0.005)
         self.tx_count += 1
         if receipt["status"] != 1:
             raise ChainError(f"transaction {h.hex()} reverted")
