@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q --no-deps "torchvision==0.28.0"
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
 	infra/anvil.sh install
+	infra/ipfs.sh install
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -35,3 +35,43 @@ def chain(request):
     if request.param == "embedded":
         return Chain("embedded")
     return Chain(request.getfixturevalue("anvil_url"))
+
+
+def _service(tmp_path_factory, env: str, script: str, name: str):
+    url = os.environ.get(env)
+    if url:
+        yield url
+        return
+    pidfile = tmp_path_factory.mktemp(name) / f"{name}.pid"
+    path = ROOT / "infra" / script
+    out = subprocess.run([str(path), "start", str(pidfile)], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        pytest.fail(f"could not start {name}: {out.stderr.strip()[-2000:]}")
+    try:
+        yield out.stdout.strip()
+    finally:
+        subprocess.run([str(path), "stop", str(pidfile)], timeout=30)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 server (SeaweedFS): the one .ci/run started (TDML_S3_ENDPOINT), or one started here."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "tdml")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "tdml")
+    yield from _service(tmp_path_factory, "TDML_S3_ENDPOINT", "seaweedfs.sh", "seaweedfs")
+
+
+@pytest.fixture(scope="session")
+def ipfs_api(tmp_path_factory):
+    """A real IPFS node's RPC API (host:port): TDML_IPFS_API, or one started here."""
+    yield from _service(tmp_path_factory, "TDML_IPFS_API", "ipfs.sh", "ipfs")
+
+
+@pytest.fixture(params=["local", "s3", "ipfs"])
+def store_url(request, tmp_path):
+    if request.param == "local":
+        return f"local:{tmp_path / 'store'}"
+    if request.param == "s3":
+        endpoint = request.getfixturevalue("s3_endpoint")
+        return f"s3://tdml-test?endpoint={endpoint}"
+    return f"ipfs://{request.getfixturevalue('ipfs_api')}"

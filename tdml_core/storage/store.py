@@ -122,15 +122,19 @@ class IPFSStore(ContentStore):
     """
 
     def __init__(self, host: str, port: int):
+        import warnings
+
         import ipfshttpclient
 
         self.url = f"ipfs://{host}:{port}"
-        self.client = ipfshttpclient.Client(f"/ip4/{host}/tcp/{port}/http", timeout=120)
+        with warnings.catch_warnings():  # it warns about every daemon version it does not know
+            warnings.simplefilter("ignore")
+            self.client = ipfshttpclient.Client(f"/ip4/{host}/tcp/{port}/http", timeout=120)
 
     def put(self, data: bytes) -> str:
         expected = compute_cid(data)
         res = self.client.add_bytes(
-            data, opts={"cid-version": 1, "raw-leaves": "true", "chunker": "size-262144", "pin": "true"}
+            data, opts={"cid-version": 1, "cid-base": "base32", "raw-leaves": "true", "chunker": "size-262144", "pin": "true"}
         )
         got = res if isinstance(res, str) else res["Hash"]
         if got != expected:
