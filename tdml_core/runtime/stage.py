@@ -63,6 +63,18 @@ def _boundary_values(stages, example):
     return values
 
 
+def stage_device(pipeline: int, stage: int, n_stages: int) -> torch.device:
+    """A GPU of its own for every stage of a pipeline when there are enough, else the CPU.
+
+    NCCL refuses two ranks of one group on the same GPU, so a pipeline goes to GPUs
+    only when each of its stages can have one; pipelines may share GPUs.
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if n_gpus >= n_stages:
+        return torch.device("cuda", (pipeline * n_stages + stage) % n_gpus)
+    return torch.device("cpu")
+
+
 class StageProcess:
     def __init__(self, args: StageArgs):
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
@@ -72,13 +84,13 @@ class StageProcess:
         self.n_stages = plan.n_stages
         self.is_first = args.stage == 0
         self.is_last = args.stage == plan.n_stages - 1
+        self.device = stage_device(args.pipeline, args.stage, plan.n_stages)
         ds, model = load_job(spec)
         self.x, self.y = shard(ds, args.pipeline, spec.data_parallel, spec.seed)
         example = example_microbatch(ds, spec)
-        stages = split_model(model, plan, example)
-        values = _boundary_values(stages, example)
+        stages = [m.to(self.device) for m in split_model(model, plan, example)]
+        values = _boundary_values(stages, example.to(self.device))
         self.module = stages[args.stage]
-        self.device = torch.device("cpu")
         stage = PipelineStage(
             self.module,
             args.stage,
@@ -94,8 +106,8 @@ class StageProcess:
     def _step(self, xb, yb) -> list[torch.Tensor]:
         """One pipelined forward/backward of a batch; the microbatch losses on the last stage."""
         losses: list[torch.Tensor] = []
-        args = (xb,) if self.is_first else ()
-        kwargs = {"target": yb, "losses": losses} if self.is_last else {}
+        args = (xb.to(self.device),) if self.is_first else ()
+        kwargs = {"target": yb.to(self.device), "losses": losses} if self.is_last else {}
         self.schedule.step(*args, **kwargs)
         return losses
 
@@ -112,13 +124,13 @@ class StageProcess:
                 loss_sum += float(torch.stack([loss.detach() for loss in losses]).mean())
             n += 1
         stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
-        return {k: v.detach().clone() for k, v in self.module.state_dict().items()}, stats
+        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, stats
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)
         self.optimizer.zero_grad(set_to_none=True)
         losses = self._step(xb, yb)
-        grads = {n: p.grad.detach().clone() for n, p in self.module.named_parameters() if p.grad is not None}
+        grads = {n: p.grad.detach().cpu().clone() for n, p in self.module.named_parameters() if p.grad is not None}
         return grads, [float(loss) for loss in losses]
 
 
@@ -126,9 +138,12 @@ def stage_main(args: StageArgs, conn) -> None:
     """Entry point of a stage process."""
     torch.set_num_threads(1)
     quiet_trace_warnings()
+    device = stage_device(args.pipeline, args.stage, args.plan.n_stages)
     try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
         dist.init_process_group(
-            "gloo",
+            "nccl" if device.type == "cuda" else "gloo",
             init_method=f"tcp://127.0.0.1:{args.port}",
             rank=args.stage,
             world_size=args.plan.n_stages,
