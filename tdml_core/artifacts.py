@@ -1,0 +1,87 @@
+"""Model states as artifacts: a deterministic, pickle-free byte format, sealed into the store.
+
+A state's bytes are the same for the same tensors on every machine, so their
+SHA-256 is a commitment anyone can re-check; and loading them never runs code
+(unlike ``torch.load`` of a pickle a dishonest trainer could have crafted).
+
+    b"TDMLSTATE1" | u32 header length | JSON header | raw tensor bytes (in header order)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import torch
+
+from tdml_core.crypto import digest, open_envelope, seal
+from tdml_core.storage import ContentStore, IntegrityError
+
+MAGIC = b"TDMLSTATE1"
+_DTYPES = {
+    torch.float32: "float32", torch.float64: "float64", torch.float16: "float16",
+    torch.int64: "int64", torch.int32: "int32", torch.uint8: "uint8", torch.bool: "bool",
+}
+_BY_NAME = {v: k for k, v in _DTYPES.items()}
+
+
+class ArtifactError(ValueError):
+    pass
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    header, blobs, offset = [], [], 0
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        if t.dtype not in _DTYPES:
+            raise ArtifactError(f"{name}: dtype {t.dtype} is not supported")
+        raw = t.numpy().tobytes() if t.dtype != torch.bool else t.to(torch.uint8).numpy().tobytes()
+        header.append({"name": name, "dtype": _DTYPES[t.dtype], "shape": list(t.shape), "offset": offset,
+                       "size": len(raw)})
+        blobs.append(raw)
+        offset += len(raw)
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return MAGIC + struct.pack("<I", len(head)) + head + b"".join(blobs)
+
+
+def state_from_bytes(data: bytes) -> dict[str, torch.Tensor]:
+    if data[: len(MAGIC)] != MAGIC:
+        raise ArtifactError("not a TDML state")
+    (n,) = struct.unpack("<I", data[len(MAGIC) : len(MAGIC) + 4])
+    start = len(MAGIC) + 4
+    try:
+        header = json.loads(data[start : start + n])
+    except ValueError:
+        raise ArtifactError("damaged state header") from None
+    body = memoryview(data)[start + n :]
+    out = {}
+    for entry in header:
+        dtype = _BY_NAME.get(entry["dtype"])
+        if dtype is None or entry["offset"] + entry["size"] > len(body):
+            raise ArtifactError(f"damaged state entry {entry.get('name')!r}")
+        raw = body[entry["offset"] : entry["offset"] + entry["size"]]
+        np_dtype = np.uint8 if dtype is torch.bool else np.dtype(entry["dtype"])
+        arr = np.frombuffer(raw, dtype=np_dtype).reshape(entry["shape"]).copy()
+        t = torch.from_numpy(arr)
+        out[entry["name"]] = t.bool() if dtype is torch.bool else t
+    return out
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """The hex SHA-256 of a state's canonical bytes: what a weight commitment carries."""
+    return digest(state_bytes(state))
+
+
+def put_state(store: ContentStore, key: bytes, job_id: int, role: str, state: dict) -> tuple[str, str]:
+    """Seal a state with ``key`` (bound to job and role), store it: (cid of the envelope, state digest)."""
+    raw = state_bytes(state)
+    return store.put(seal(key, raw, job_id, role)), digest(raw)
+
+
+def get_state(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
+    """Fetch by id, open the envelope, check the committed digest, and only then parse."""
+    raw = open_envelope(key, bytes(store.get(cid)), job_id, role)
+    if digest(raw) != expected_digest:
+        raise IntegrityError(f"{role} ({cid}): the state does not match its committed digest")
+    return state_from_bytes(raw)
