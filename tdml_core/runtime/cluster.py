@@ -171,7 +171,8 @@ class PipelineCluster:
         """Every pipeline trains one epoch from ``global_state`` on its own shard.
 
         Returns, per pipeline, {"state": the local model's state, "train_loss",
-        "batches", "stages": [per-stage state dicts]}.
+        "batches", "stages": [per-stage state dicts], "stage_stats": [per stage:
+        weight_digest, grad_digest, grads (the epoch's summed gradient), batches]}.
         """
         msgs = {
             slot: ("epoch", epoch, {k: global_state[k] for k in keys}) for slot, keys in self.keys.items()
@@ -186,6 +187,7 @@ class PipelineCluster:
                 {
                     "state": state,
                     "stages": stage_states,
+                    "stage_stats": [replies[(p, s)][2] for s in range(self.plan.n_stages)],
                     "train_loss": last_stats["train_loss"],
                     "batches": last_stats["batches"],
                 }

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tdml_core.artifacts import state_digest
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
 from tdml_core.model import StagePlan, split_model
@@ -116,15 +117,29 @@ class StageProcess:
         self.module.load_state_dict(state)
         self.module.train()
         loss_sum, n = 0.0, 0
+        grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()}
         for xb, yb in batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, self.args.pipeline)):
             self.optimizer.zero_grad(set_to_none=True)
             losses = self._step(xb, yb)
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    if p.grad is not None:
+                        grad_sum[name] += p.grad
             self.optimizer.step()
             if losses:
                 loss_sum += float(torch.stack([loss.detach() for loss in losses]).mean())
             n += 1
-        stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
-        return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}, stats
+        state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
+        grads = {k: v.cpu() for k, v in grad_sum.items()}
+        stats = {
+            "batches": n,
+            "train_loss": (loss_sum / n) if (self.is_last and n) else None,
+            # what the trainer commits: digests of its stage's weights and of its epoch gradient
+            "weight_digest": state_digest(state),
+            "grad_digest": state_digest(grads),
+            "grads": grads,
+        }
+        return state, stats
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)
