@@ -85,8 +85,9 @@ class Chain:
         return {"maxFeePerGas": 2 * base + tip, "maxPriorityFeePerGas": tip}
 
     def build(self, sender: LocalAccount, tx: dict) -> dict:
-        tx = {"from": sender.address, "chainId": self.chain_id, "nonce": self._nonce(sender.address),
-              **self._fees(), **tx}
+        tx = {"from": sender.address, "chainId": self.chain_id, "nonce": self._nonce(sender.address), **tx}
+        if "maxFeePerGas" not in tx:  # a contract call built by web3 already carries its fees
+            tx.update(self._fees())
         if "gas" not in tx:
             try:
                 tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2) + 10_000
