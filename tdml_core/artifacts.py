@@ -82,6 +82,24 @@ def put_state(store: ContentStore, key: bytes, job_id: int, role: str, state: di
 def get_state(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
     """Fetch by id, open the envelope, check the committed digest, and only then parse."""
     raw = open_envelope(key, bytes(store.get(cid)), job_id, role)
-    if digest(raw) != expected_digest:
+    if digest(raw) != expected_digest.removeprefix("0x"):
         raise IntegrityError(f"{role} ({cid}): the state does not match its committed digest")
     return state_from_bytes(raw)
+
+
+def doc_bytes(doc: dict) -> bytes:
+    """A JSON document's canonical bytes (sorted keys, no spaces): what its digest is taken of."""
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def put_doc(store: ContentStore, key: bytes, job_id: int, role: str, doc: dict) -> tuple[str, str]:
+    """Seal a small JSON document (a plan, a score, verdicts): (cid, digest of its canonical JSON)."""
+    raw = doc_bytes(doc)
+    return store.put(seal(key, raw, job_id, role)), digest(raw)
+
+
+def get_doc(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
+    raw = open_envelope(key, bytes(store.get(cid)), job_id, role)
+    if digest(raw) != expected_digest.removeprefix("0x"):
+        raise IntegrityError(f"{role} ({cid}): the document does not match its committed digest")
+    return json.loads(raw)

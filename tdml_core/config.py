@@ -52,6 +52,29 @@ class DatasetSpec(_Strict):
         return self
 
 
+GENERATE = "generate"
+
+
+class ParticipantsSpec(_Strict):
+    """Whose keys sign: key-file paths, or ``generate`` to make fresh local identities."""
+
+    client: str = GENERATE
+    servers: Union[Literal["generate"], list[str]] = GENERATE  # one per pipeline
+    trainers: Union[Literal["generate"], list[str]] = GENERATE  # pipeline-major: p0s0, p0s1, ..., p1s0, ...
+    passphrase_env: str | None = None  # name of the variable holding the key files' passphrase
+
+
+class ProtocolSpec(_Strict):
+    """What ``tdml run`` adds to the engine's spec: money, chain, store, keys, detection."""
+
+    budget_wei: int = Field(default=10**18, gt=0)  # escrowed at publish, paid out for verified work
+    chain: str = "embedded"  # or a JSON-RPC URL
+    store: str | None = None  # local:DIR, ipfs://HOST:PORT, s3://BUCKET?endpoint=URL; default <out>/store
+    participants: ParticipantsSpec = ParticipantsSpec()
+    score_tolerance: float = Field(default=0.15, gt=0, lt=1)  # detection stage 1: accuracy this far below the median
+    pipeline_pool: str | None = None  # a deployment (flow/name) to dispatch pipeline epochs to; None runs them here
+
+
 class JobSpec(_Strict):
     """What a client asks to be trained, and how."""
 
@@ -74,6 +97,7 @@ class JobSpec(_Strict):
     top_k: int = Field(default=2, ge=1)
     seed: int = 0
     stage_timeout_s: float = Field(default=120.0, gt=0)  # a stage silent this long fails the epoch
+    protocol: ProtocolSpec = ProtocolSpec()  # used by ``tdml run`` only
 
     @field_validator("stages")
     @classmethod
@@ -100,6 +124,17 @@ class JobSpec(_Strict):
             raise ValueError("stages 'auto' needs `trainers` with memory_bytes to plan against")
         if isinstance(self.stages, int) and self.trainers and len(self.trainers) < self.stages:
             raise ValueError(f"{self.stages} stages need {self.stages} trainers, {len(self.trainers)} listed")
+        n_stages = self.stages if isinstance(self.stages, int) else None
+        parts = self.protocol.participants
+        if isinstance(parts.servers, list) and len(parts.servers) != self.data_parallel:
+            raise ValueError(
+                f"protocol.participants.servers lists {len(parts.servers)} key files for {self.data_parallel} pipelines"
+            )
+        if isinstance(parts.trainers, list) and n_stages and len(parts.trainers) != self.data_parallel * n_stages:
+            raise ValueError(
+                f"protocol.participants.trainers lists {len(parts.trainers)} key files for "
+                f"{self.data_parallel} pipelines × {n_stages} stages"
+            )
         names = [t.name for t in self.trainers]
         if len(set(names)) != len(names):
             raise ValueError("trainer names must be unique")

@@ -110,17 +110,27 @@ class Identity:
         return ident
 
 
-def seal_job_secrets(client: Identity, server_public: bytes, job_id: int, secrets: dict) -> bytes:
-    """The client seals the job's secrets (ledger address, data key) to one parameter server."""
+def seal_secrets(sender: Identity, receiver_public: bytes, job_id: int, role: str, secrets: dict) -> bytes:
+    """Seal a small JSON document from ``sender`` to one receiver (X25519 → HKDF → AEAD)."""
     from tdml_core.crypto import derive_key, seal
 
-    key = derive_key(client.x25519, X25519PublicKey.from_public_bytes(server_public), f"job-secrets/{job_id}")
+    key = derive_key(sender.x25519, X25519PublicKey.from_public_bytes(receiver_public), f"{role}/{job_id}")
     payload = {k: (v.hex() if isinstance(v, bytes) else v) for k, v in secrets.items()}
-    return seal(key, json.dumps(payload, sort_keys=True).encode(), job_id, "job-secrets")
+    return seal(key, json.dumps(payload, sort_keys=True).encode(), job_id, role)
+
+
+def open_secrets(receiver: Identity, sender_public: bytes, job_id: int, role: str, envelope: bytes) -> dict:
+    """Either side of the exchange can open what was sealed between them."""
+    from tdml_core.crypto import derive_key, open_envelope
+
+    key = derive_key(receiver.x25519, X25519PublicKey.from_public_bytes(sender_public), f"{role}/{job_id}")
+    return json.loads(open_envelope(key, envelope, job_id, role))
+
+
+def seal_job_secrets(client: Identity, server_public: bytes, job_id: int, secrets: dict) -> bytes:
+    """The client seals the job's secrets (ledger address, data key) to one parameter server."""
+    return seal_secrets(client, server_public, job_id, "job-secrets", secrets)
 
 
 def unseal_job_secrets(server: Identity, client_public: bytes, job_id: int, envelope: bytes) -> dict:
-    from tdml_core.crypto import derive_key, open_envelope
-
-    key = derive_key(server.x25519, X25519PublicKey.from_public_bytes(client_public), f"job-secrets/{job_id}")
-    return json.loads(open_envelope(key, envelope, job_id, "job-secrets"))
+    return open_secrets(server, client_public, job_id, "job-secrets", envelope)

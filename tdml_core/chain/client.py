@@ -7,11 +7,19 @@ participant's own eth-account key, and sent raw. A relay may submit a
 transaction someone else signed (``submit_signed``) but never signs for them.
 Events are read from receipts (or narrow block ranges), never by scanning from
 genesis.
+
+The embedded chain lives only inside its process. Given a ``journal`` file it
+appends every raw signed transaction it mines, and a later ``Chain("embedded",
+journal=...)`` re-executes them in order on a fresh EVM, checking each hash and
+outcome, to rebuild the same state: that is how a run is resumed or audited.
 """
 
 from __future__ import annotations
 
+import json
+import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
@@ -47,8 +55,9 @@ def _reason(exc: Exception) -> str:
 
 
 class Chain:
-    def __init__(self, url: str = "embedded"):
+    def __init__(self, url: str = "embedded", journal: str | Path | None = None):
         self.url = url
+        self.journal: Path | None = None
         if url == "embedded":
             from web3 import EthereumTesterProvider
 
@@ -65,6 +74,34 @@ class Chain:
         self.chain_id = self.w3.eth.chain_id
         self.tx_count = 0
         self._nonces: dict[str, int] = {}
+        self._lock = threading.RLock()  # participants of one process may send from several threads
+        if journal is not None and url == "embedded":
+            self.journal = Path(journal)
+            if self.journal.exists():
+                self._replay(self.journal)
+
+    # -- the embedded chain's journal -------------------------------------------
+    def _replay(self, path: Path) -> None:
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                h = self.w3.eth.send_raw_transaction(bytes.fromhex(entry["raw"]))
+            except Exception as exc:
+                raise ChainError(f"{path}:{n}: transaction does not re-execute: {_reason(exc)}") from None
+            receipt = self.w3.eth.wait_for_transaction_receipt(h, timeout=60, poll_latency=0.005)
+            if h.hex().removeprefix("0x") != entry["hash"].removeprefix("0x") or receipt["status"] != entry["status"]:
+                raise ChainError(f"{path}:{n}: transaction re-executes differently from its record")
+            self.tx_count += 1
+
+    def _record(self, raw: bytes, receipt) -> None:
+        if self.journal is None:
+            return
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        entry = {"hash": receipt["transactionHash"].hex(), "status": receipt["status"], "raw": raw.hex()}
+        with self.journal.open("a") as f:  # one line per mined transaction, flushed at once
+            f.write(json.dumps(entry) + "\n")
 
     # -- accounts -----------------------------------------------------------
     def balance(self, address: str) -> int:
@@ -110,15 +147,21 @@ class Chain:
             raise ChainError(f"refused: {_reason(exc)}") from None
         receipt = self.w3.eth.wait_for_transaction_receipt(h, timeout=60, poll_latency=0.005)
         self.tx_count += 1
+        self._record(raw, receipt)
         if receipt["status"] != 1:
             raise ChainError(f"transaction {h.hex()} reverted")
         return Sent(dict(receipt), receipt["gasUsed"])
 
     def send(self, sender: LocalAccount, tx: dict) -> Sent:
-        return self.submit_signed(self.sign(sender, tx))
+        with self._lock:
+            return self.submit_signed(self.sign(sender, tx))
 
     def transact(self, sender: LocalAccount, call, value: int = 0) -> Sent:
         """Sign and send a contract call as ``sender``."""
+        with self._lock:
+            return self._transact(sender, call, value)
+
+    def _transact(self, sender: LocalAccount, call, value: int) -> Sent:
         try:  # build_transaction estimates gas, which is where a revert shows first
             tx = call.build_transaction({"from": sender.address, "value": value, "chainId": self.chain_id,
                                          "nonce": self._nonce(sender.address), **self._fees()})

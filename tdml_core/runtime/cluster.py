@@ -20,7 +20,7 @@ import torch
 
 from tdml_core.config import JobSpec
 from tdml_core.model import StagePlan
-from tdml_core.runtime.stage import StageArgs, stage_main
+from tdml_core.runtime.stage import StageArgs, TrainerSource, stage_main
 
 Slot = tuple[int, int]  # (pipeline, stage)
 
@@ -52,11 +52,21 @@ def _death(exitcode: int | None) -> str:
 
 
 class PipelineCluster:
-    """``pipelines`` × ``plan.n_stages`` stage processes, started together."""
+    """``pipelines`` × ``plan.n_stages`` stage processes, started together.
 
-    def __init__(self, spec: JobSpec, plan: StagePlan, pipelines: int | None = None):
+    ``pipelines`` is how many (numbered from 0) or which pipelines to run here;
+    ``sources`` makes every stage a trainer of the protocol (see ``stage.py``).
+    """
+
+    def __init__(self, spec: JobSpec, plan: StagePlan, pipelines: int | list[int] | None = None,
+                 sources: dict[Slot, TrainerSource] | None = None):
         self.spec, self.plan = spec, plan
-        self.n_pipelines = pipelines or spec.data_parallel
+        if isinstance(pipelines, list):
+            self.pipeline_ids = list(pipelines)
+        else:
+            self.pipeline_ids = list(range(pipelines or spec.data_parallel))
+        self.n_pipelines = len(self.pipeline_ids)
+        self.sources = sources or {}
         self.procs: dict[Slot, mp.Process] = {}
         self.conns: dict[Slot, Any] = {}
         self.keys: dict[Slot, list[str]] = {}
@@ -65,13 +75,13 @@ class PipelineCluster:
     # -- life cycle ---------------------------------------------------------
     def start(self) -> "PipelineCluster":
         ctx = mp.get_context("spawn")
-        for p in range(self.n_pipelines):
+        for p in self.pipeline_ids:
             port = _free_port()
             for s in range(self.plan.n_stages):
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=stage_main,
-                    args=(StageArgs(self.spec, self.plan, p, s, port), child),
+                    args=(StageArgs(self.spec, self.plan, p, s, port, self.sources.get((p, s))), child),
                     name=f"tdml-p{p}-s{s}",
                     daemon=True,
                 )
@@ -117,7 +127,19 @@ class PipelineCluster:
     def _check_deaths(self, pending: set[Slot]) -> None:
         for slot, proc in self.procs.items():
             if proc.exitcode is not None and (slot in pending or proc.exitcode != 0):
+                self._last_words(slot)
                 self._fail(slot, _death(proc.exitcode))
+
+    def _last_words(self, slot: Slot) -> None:
+        """A stage that failed sent its traceback before exiting: report that, not just the exit."""
+        conn = self.conns[slot]
+        try:
+            while conn.poll():
+                reply = conn.recv()
+                if reply[0] == "error":
+                    self._on_error(slot, reply[1])
+        except (EOFError, OSError):
+            pass
 
     def _on_error(self, slot: Slot, tb: str) -> None:
         # A neighbour of a killed stage reports a broken connection first; give the
@@ -171,15 +193,14 @@ class PipelineCluster:
         """Every pipeline trains one epoch from ``global_state`` on its own shard.
 
         Returns, per pipeline, {"state": the local model's state, "train_loss",
-        "batches", "stages": [per-stage state dicts], "stage_stats": [per stage:
-        weight_digest, grad_digest, grads (the epoch's summed gradient), batches]}.
+        "batches", "stages": [per-stage state dicts]}.
         """
         msgs = {
             slot: ("epoch", epoch, {k: global_state[k] for k in keys}) for slot, keys in self.keys.items()
         }
         replies = self.request(msgs, f"epoch {epoch}")
         out = []
-        for p in range(self.n_pipelines):
+        for p in self.pipeline_ids:
             stage_states = [replies[(p, s)][1] for s in range(self.plan.n_stages)]
             last_stats = replies[(p, self.plan.n_stages - 1)][2]
             state = {k: v for st in stage_states for k, v in st.items()}
@@ -187,12 +208,21 @@ class PipelineCluster:
                 {
                     "state": state,
                     "stages": stage_states,
-                    "stage_stats": [replies[(p, s)][2] for s in range(self.plan.n_stages)],
                     "train_loss": last_stats["train_loss"],
                     "batches": last_stats["batches"],
                 }
             )
         return out
+
+    def train_epoch_from_store(self, epoch: int, stage_in: list[dict]) -> dict[int, list[dict]]:
+        """Every trainer fetches its stage's weights (``stage_in[s]`` = {cid, digest}) and trains.
+
+        Returns, per pipeline, each stage's stats: batches, train_loss (last stage),
+        and the {cid, digest} of its weights and of its epoch gradient in the store.
+        """
+        msgs = {slot: ("epoch", epoch, stage_in[slot[1]]) for slot in self.keys}
+        replies = self.request(msgs, f"epoch {epoch}")
+        return {p: [replies[(p, s)][2] for s in range(self.plan.n_stages)] for p in self.pipeline_ids}
 
     def batch_grads(self, pipeline: int, state: dict, xb: torch.Tensor, yb: torch.Tensor):
         """Gradients of one batch through one pipeline (no optimizer step): (grads, losses)."""

@@ -21,10 +21,12 @@ def new_model(spec: JobSpec, ds: Dataset) -> nn.Module:
     )
 
 
-def make_plan(spec: JobSpec, model: nn.Module, ds: Dataset) -> StagePlan:
+def make_plan(spec: JobSpec, model: nn.Module, ds: Dataset | torch.Tensor) -> StagePlan:
+    """The stage plan; ``ds`` is the dataset or any input batch (only shapes matter)."""
+    example = ds[: spec.microbatch_size] if isinstance(ds, torch.Tensor) else example_microbatch(ds, spec)
     return plan_stages(
         model,
-        example_microbatch(ds, spec),
+        example,
         None if spec.stages == "auto" else spec.stages,
         spec.trainers or None,
         bytes_per_value=BYTES_PER_VALUE[spec.precision],

@@ -4,6 +4,12 @@ The process joins its pipeline's gloo (or NCCL) group, derives its stage module
 from the job spec and the plan exactly as every other stage does, and then
 serves commands from the coordinator over a pipe: train an epoch starting from
 given weights, or compute the gradients of one batch (used to check the split).
+
+Under the protocol (``StageArgs.source`` set) the stage is a trainer: it loads
+its own key, opens the secrets its parameter server sealed to it, fetches its
+data shard and, each epoch, its stage's weights from the store by id, checking
+digests; it puts its trained weights and its epoch gradient back into the store
+and answers with their ids and digests only, which is what it commits.
 """
 
 from __future__ import annotations
@@ -18,12 +24,26 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from tdml_core.artifacts import state_digest
+from tdml_core.artifacts import get_state, put_state
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
-from tdml_core.model import StagePlan, split_model
+from tdml_core.model import StagePlan, build_model, split_model
 from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer
+
+
+@dataclass
+class TrainerSource:
+    """Where a trainer takes its inputs from and puts its outputs (all sealed, all by id)."""
+
+    store_url: str
+    job_id: int
+    key_file: str
+    passphrase: str | None
+    server_public: str  # hex X25519 key of the trainer's parameter server
+    secrets_cid: str
+    data_cid: str
+    data_digest: str
 
 
 @dataclass
@@ -33,6 +53,41 @@ class StageArgs:
     pipeline: int
     stage: int
     port: int
+    source: TrainerSource | None = None
+
+
+def trainer_role(kind: str, pipeline: int, stage: int) -> str:
+    """The associated-data role of a trainer's artifact: 'weights/0/1', 'grad/0/1'."""
+    return f"{kind}/{pipeline}/{stage}"
+
+
+class _Trainer:
+    """A trainer's keys and store, opened inside its stage process."""
+
+    def __init__(self, src: TrainerSource, pipeline: int):
+        from tdml_core.identity import Identity, open_secrets
+        from tdml_core.storage import open_store
+
+        self.src, self.pipeline = src, pipeline
+        self.store = open_store(src.store_url)
+        me = Identity.load(src.key_file, src.passphrase)
+        secrets = open_secrets(
+            me, bytes.fromhex(src.server_public), src.job_id, "trainer-secrets", bytes(self.store.get(src.secrets_cid))
+        )
+        self.data_key = bytes.fromhex(secrets["data_key"])
+        self.model_key = bytes.fromhex(secrets["model_key"])
+
+    def shard(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        doc = get_state(self.store, self.data_key, self.src.job_id, f"data/{self.pipeline}",
+                        self.src.data_cid, self.src.data_digest)
+        return doc["x"], doc["y"], int(doc["num_classes"])
+
+    def get(self, role: str, ref: dict) -> dict:
+        return get_state(self.store, self.model_key, self.src.job_id, role, ref["cid"], ref["digest"])
+
+    def put(self, role: str, state: dict) -> dict:
+        cid, dig = put_state(self.store, self.model_key, self.src.job_id, role, state)
+        return {"cid": cid, "digest": dig}
 
 
 def _as_tuple(v):
@@ -86,9 +141,15 @@ class StageProcess:
         self.is_first = args.stage == 0
         self.is_last = args.stage == plan.n_stages - 1
         self.device = stage_device(args.pipeline, args.stage, plan.n_stages)
-        ds, model = load_job(spec)
-        self.x, self.y = shard(ds, args.pipeline, spec.data_parallel, spec.seed)
-        example = example_microbatch(ds, spec)
+        self.trainer = _Trainer(args.source, args.pipeline) if args.source else None
+        if self.trainer:  # the shard comes from the store; the model's shape from the spec
+            self.x, self.y, num_classes = self.trainer.shard()
+            example = self.x[: spec.microbatch_size].clone()
+            model = build_model(spec.model, num_classes, int(self.x.shape[1]), example, spec.seed, spec.model_args)
+        else:
+            ds, model = load_job(spec)
+            self.x, self.y = shard(ds, args.pipeline, spec.data_parallel, spec.seed)
+            example = example_microbatch(ds, spec)
         stages = [m.to(self.device) for m in split_model(model, plan, example)]
         values = _boundary_values(stages, example.to(self.device))
         self.module = stages[args.stage]
@@ -112,34 +173,40 @@ class StageProcess:
         self.schedule.step(*args, **kwargs)
         return losses
 
-    def train_epoch(self, epoch: int, state: dict) -> tuple[dict, dict]:
-        spec = self.args.spec
-        self.module.load_state_dict(state)
+    def train_epoch(self, epoch: int, start: dict) -> tuple[dict | None, dict]:
+        """Train one epoch from ``start`` (weights, or under the protocol a {cid, digest} to fetch).
+
+        Returns (state, stats); a trainer returns no state but the ids and digests
+        of its weights and epoch gradient, already in the store.
+        """
+        spec, a = self.args.spec, self.args
+        if self.trainer:
+            start = self.trainer.get(f"stage/{a.stage}", start)
+        self.module.load_state_dict(start)
         self.module.train()
         loss_sum, n = 0.0, 0
-        grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()}
-        for xb, yb in batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, self.args.pipeline)):
+        # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
+        grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
+        for xb, yb in batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, a.pipeline)):
             self.optimizer.zero_grad(set_to_none=True)
             losses = self._step(xb, yb)
-            with torch.no_grad():
-                for name, p in self.module.named_parameters():
-                    if p.grad is not None:
-                        grad_sum[name] += p.grad
+            if grad_sum is not None:
+                with torch.no_grad():
+                    for name, p in self.module.named_parameters():
+                        if p.grad is not None:
+                            grad_sum[name] += p.grad
             self.optimizer.step()
             if losses:
                 loss_sum += float(torch.stack([loss.detach() for loss in losses]).mean())
             n += 1
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
-        grads = {k: v.cpu() for k, v in grad_sum.items()}
-        stats = {
-            "batches": n,
-            "train_loss": (loss_sum / n) if (self.is_last and n) else None,
-            # what the trainer commits: digests of its stage's weights and of its epoch gradient
-            "weight_digest": state_digest(state),
-            "grad_digest": state_digest(grads),
-            "grads": grads,
-        }
-        return state, stats
+        stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
+        if not self.trainer:
+            return state, stats
+        stats["weights"] = self.trainer.put(trainer_role("weights", a.pipeline, a.stage), state)
+        stats["grad"] = self.trainer.put(trainer_role("grad", a.pipeline, a.stage),
+                                         {k: v.cpu() for k, v in grad_sum.items()})
+        return None, stats
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)

@@ -1,0 +1,64 @@
+"""The trainers of this process's pipelines, kept running from one epoch to the next.
+
+Starting a pipeline's stage processes costs seconds (spawn, import torch, trace
+the model), so a local run starts each pipeline once and reuses it every epoch;
+a pipeline epoch dispatched to a remote work pool starts its own and closes it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from tdml_core.protocol.job import Job
+from tdml_core.runtime.cluster import PipelineCluster
+from tdml_core.runtime.stage import TrainerSource
+
+_CLUSTERS: dict[tuple[str, int], PipelineCluster] = {}
+_LOCK = threading.Lock()
+
+
+def trainer_sources(job: Job, pipeline: int) -> dict:
+    data = job.must(0, "data", str(pipeline))
+    server_public = job.public_key(f"server/{pipeline}").hex()
+    out = {}
+    for s in range(job.n_stages):
+        trainer = job.people.trainers[(pipeline, s)]
+        out[(pipeline, s)] = TrainerSource(
+            store_url=job.ref.store,
+            job_id=job.job_id,
+            key_file=str(job.people.key_files[trainer.address]),
+            passphrase=job.people.passphrase,
+            server_public=server_public,
+            secrets_cid=job.must(0, "secrets", f"trainer/{pipeline}/{s}").cid,
+            data_cid=data.cid,
+            data_digest=data.digest,
+        )
+    return out
+
+
+def trainer_cluster(job: Job, pipeline: int) -> PipelineCluster:
+    key = (job.ref.out_dir, pipeline)
+    with _LOCK:
+        cluster = _CLUSTERS.get(key)
+    if cluster is None:
+        cluster = PipelineCluster(job.spec, job.plan, [pipeline], trainer_sources(job, pipeline)).start()
+        with _LOCK:
+            _CLUSTERS[key] = cluster
+    return cluster
+
+
+def close_trainers(job: Job | None = None) -> None:
+    """Stop the stage processes of ``job`` (or of every job in this process)."""
+    with _LOCK:
+        keys = [k for k in _CLUSTERS if job is None or k[0] == job.ref.out_dir]
+        clusters = [_CLUSTERS.pop(k) for k in keys]
+    for cluster in clusters:
+        cluster.close()
+
+
+def drop_trainers(job: Job, pipeline: int) -> None:
+    """Forget a pipeline whose processes failed, so that a retry starts them afresh."""
+    with _LOCK:
+        cluster = _CLUSTERS.pop((job.ref.out_dir, pipeline), None)
+    if cluster is not None:
+        cluster.close()
