@@ -1,6 +1,8 @@
 """The ``tdml`` command.
 
     tdml plan SPEC                      print the stage plan
+    tdml run SPEC --out DIR [--resume]  the protocol: the tdml-train Prefect flow
+    tdml audit DIR                      re-check a finished run from its ledger and store
     tdml train SPEC --out DIR           the engine alone: no chain, no storage
     tdml baseline single|fedavg SPEC --out DIR
 
@@ -119,12 +121,78 @@ def cmd_baseline(args) -> int:
     return _run(args, fn, f"baseline {args.kind}")
 
 
+def _prefect_env(verbose: bool) -> None:
+    """Settings read when Prefect is imported: a patient temporary server, quiet logs, no telemetry."""
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not verbose:
+        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def cmd_run(args) -> int:
+    _prefect_env(args.verbose)
+    from tdml_core.config import load_spec
+
+    spec = load_spec(args.spec)  # a bad spec is reported before Prefect starts
+    from flows.train import EPOCH_LISTENERS, tdml_train
+
+    console = _console()
+    console.print(f"tdml run {args.spec}: {spec.data_parallel} pipelines, {spec.epochs} epochs, chain "
+                  f"{args.chain or spec.protocol.chain}; starting Prefect …")
+    with EpochProgress(console, "tdml-train", spec.epochs) as progress:
+        EPOCH_LISTENERS.append(progress)
+        try:
+            data = tdml_train(spec_path=str(args.spec), out_dir=str(args.out), resume=args.resume,
+                              chain=args.chain, store=args.store)
+        finally:
+            EPOCH_LISTENERS.remove(progress)
+    out = Path(args.out)
+    if data["resumed_from"]:
+        console.print(f"resumed job {data['job_id']} after epoch {data['resumed_from']}")
+    paid = sum(data["rewards"].values())
+    console.print(
+        f"job {data['job_id']}: final accuracy {data['final_accuracy']:.4f} in {data['wall_s']:.1f} s; "
+        f"{len([w for w in data['rewards'].values() if w > 0])} participants paid {paid} wei, "
+        f"refund {data['refund_wei']} wei, {data['chain']['tx_count']} transactions\n"
+        f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}; check it with: tdml audit {out}"
+    )
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from tdml_core.protocol.audit import AuditFailure, audit
+
+    console = _console()
+    try:
+        audit(args.dir, args.key, os.environ.get(args.passphrase_env) if args.passphrase_env else None,
+              say=console.print)
+    except AuditFailure as exc:
+        console.print(f"FAIL  {exc}")
+        return 1
+    console.print("audit passed")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tdml", description="Trustworthy distributed machine learning")
     sub = p.add_subparsers(dest="command", required=True)
     sp = sub.add_parser("plan", help="print the stage plan of a job spec")
     sp.add_argument("spec")
     sp.set_defaults(func=cmd_plan)
+    sp = sub.add_parser("run", help="run the protocol (the tdml-train Prefect flow)")
+    sp.add_argument("spec")
+    sp.add_argument("--out", required=True, help="run folder: summary, keys, chain journal, local store")
+    sp.add_argument("--resume", action="store_true", help="continue the job in --out after its last global model")
+    sp.add_argument("--chain", help="JSON-RPC URL of a node (default: the spec's, else the embedded chain)")
+    sp.add_argument("--store", help="local:DIR, ipfs://HOST:PORT or s3://BUCKET?endpoint=URL")
+    sp.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    sp.set_defaults(func=cmd_run)
+    sp = sub.add_parser("audit", help="re-check a finished run from its ledger and store")
+    sp.add_argument("dir", help="the run folder of tdml run")
+    sp.add_argument("--key", help="the client's key file (default DIR/keys/client.json)")
+    sp.add_argument("--passphrase-env", help="variable holding the key file's passphrase")
+    sp.set_defaults(func=cmd_audit)
     sp = sub.add_parser("train", help="run the engine alone (no chain, no storage)")
     sp.add_argument("spec")
     sp.add_argument("--out", required=True, help="folder for summary.json and the plot")
@@ -143,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
 
     quiet_trace_warnings()
     from tdml_core.errors import USER_ERRORS
+    from tdml_core.chain.client import ChainError
     from tdml_core.runtime.cluster import StageFailure
 
     try:
@@ -153,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except StageFailure as exc:
         first = str(exc).splitlines()[0]
         print(f"tdml: training failed: {first}", file=sys.stderr)
+        return 1
+    except ChainError as exc:
+        print(f"tdml: chain: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("tdml: interrupted", file=sys.stderr)

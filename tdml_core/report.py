@@ -58,3 +58,54 @@ def plot_epochs(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def epoch_table(record: dict) -> list[dict]:
+    """One row per pipeline of an epoch: score, selection, verdicts (the flow's table artifact)."""
+    rows = []
+    for lc in record["local"]:
+        p = lc["pipeline"]
+        verdicts = [v for v in record["verdicts"] if v["slot"].split("/")[0] == str(p)]
+        rows.append({
+            "pipeline": p,
+            "accuracy": round(lc["accuracy"], 4),
+            "loss": round(lc["loss"], 4),
+            "validator": lc["validator"],
+            "flagged": lc["flagged"],
+            "selected": lc["selected"],
+            "verdicts": "; ".join(
+                f"{v['slot']} {v['trainer'][:10]}… {'MALICIOUS' if v['malicious'] else 'ok'}" for v in verdicts
+            ),
+        })
+    return rows
+
+
+def png_data_url(path: str | Path) -> str:
+    import base64
+
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
+
+
+def markdown_summary(data: dict) -> str:
+    """The run's summary as markdown: job, contracts, global model, accuracy, payments."""
+    chain = data["chain"]
+    last = data["epochs"][-1] if data["epochs"] else {}
+    lines = [
+        f"# TDML job {data['job_id']}: {data['job']['name']}",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| chain | {chain['url']} (chain id {chain['chain_id']}, {chain['tx_count']} transactions) |",
+        f"| market | `{chain['market']}` |",
+        f"| ledger | `{chain['ledger']}` |",
+        f"| store | `{data['store']}` |",
+        f"| global model | `{last.get('global_model_cid', '-')}` |",
+        f"| final accuracy | {data['final_accuracy']:.4f} after {len(data['epochs'])} epochs |",
+        f"| evicted | {', '.join(data['evicted']) or 'nobody'} |",
+        f"| refund | {data['refund_wei']} wei |",
+        "",
+        "| participant | paid (wei) |",
+        "|---|---|",
+    ]
+    lines += [f"| `{who}` | {wei} |" for who, wei in data["rewards"].items()]
+    return "\n".join(lines)

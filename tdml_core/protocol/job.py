@@ -46,6 +46,7 @@ class JobRef(BaseModel):
     market: str | None = None
     job_id: int | None = None
     ledger: str | None = None
+    ledger_block: int | None = None  # where the ledger's events start
 
     def save(self) -> None:
         path = Path(self.out_dir) / "job.json"
@@ -118,6 +119,7 @@ def load_participants(spec: JobSpec, n_stages: int, keys_dir: Path) -> Participa
 
 
 _OPEN_CHAINS: dict[str, Chain] = {}
+_OPEN_JOBS: dict[str, "Job"] = {}
 _LOCK = threading.Lock()
 
 
@@ -134,6 +136,24 @@ def open_chain(ref: JobRef) -> Chain:
 def forget_chain(ref: JobRef) -> None:
     with _LOCK:
         _OPEN_CHAINS.pop(f"{ref.chain}|{Path(ref.out_dir).resolve()}", None)
+
+
+def remember_job(job: "Job") -> None:
+    """Make an opened job findable by its folder (the pipeline epochs of a local run use it)."""
+    with _LOCK:
+        _OPEN_JOBS[str(Path(job.ref.out_dir).resolve())] = job
+
+
+def opened_job(out_dir: str | Path) -> "Job | None":
+    with _LOCK:
+        return _OPEN_JOBS.get(str(Path(out_dir).resolve()))
+
+
+def forget_job(out_dir: str | Path) -> None:
+    with _LOCK:
+        job = _OPEN_JOBS.pop(str(Path(out_dir).resolve()), None)
+    if job is not None:
+        forget_chain(job.ref)
 
 
 class Job:

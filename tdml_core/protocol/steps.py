@@ -121,8 +121,9 @@ def hire_parameter_servers(job: Job) -> list[str]:
             raise ProtocolError(f"{server.address} is not a hired server of job {job.job_id}")
     if job.ref.ledger is None:
         units = planned_units(job.spec.epochs, job.spec.data_parallel, job.n_stages)
-        job.ledger, _ = m.open_ledger(client.account, job.job_id, units)
+        job.ledger, sent = m.open_ledger(client.account, job.job_id, units)
         job.ref.ledger = job.ledger.address
+        job.ref.ledger_block = sent.receipt["blockNumber"]
         job.save_ref()
     return [s.address for s in job.people.servers]
 
@@ -341,21 +342,21 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict], verdicts: 
 
 
 # -- 9. reward ------------------------------------------------------------------------------
-def work_done(job: Job) -> dict[str, int]:
+def work_done(job: Job, servers: list[str], trainers: dict[tuple[int, int], str]) -> dict[str, int]:
     """Verified units per participant address, counted from the ledger's commitments."""
     n, epochs = job.spec.data_parallel, job.ledger.global_epochs
-    units = {a: 0 for a in [s.address for s in job.people.servers] + [t.address for t in job.people.trainers.values()]}
+    units = {a: 0 for a in [*servers, *trainers.values()]}
     for e in range(epochs):
         attempt = job.attempt(e)
         verdicts = job.get_doc("verdicts", job.must(e, "verdicts", epoch_slot("all", attempt)))
         for p in range(n):
             if job.commitment(e, "score", epoch_slot(str(p), attempt)) is not None:
-                units[job.people.servers[validator_of(p, n)].address] += 1
+                units[servers[validator_of(p, n)]] += 1
             for s in range(job.n_stages):
                 slot = epoch_slot(f"{p}/{s}", attempt)
                 committed = all(job.commitment(e, k, slot) is not None for k in ("weights", "grad"))
                 if trainer_earns(verdicts, p, s, committed):
-                    units[job.people.trainers[(p, s)].address] += 1
+                    units[trainers[(p, s)]] += 1
     return units
 
 
@@ -365,7 +366,9 @@ def reward(job: Job) -> dict:
 
     client, m, ledger = job.people.client, job.market, job.ledger
     if not ledger.finished:
-        for address, units in work_done(job).items():
+        servers = [s.address for s in job.people.servers]
+        trainers = {k: t.address for k, t in job.people.trainers.items()}
+        for address, units in work_done(job, servers, trainers).items():
             owed = units - ledger.work(address)
             if owed <= 0 or ledger.evicted(address):
                 continue

@@ -1,0 +1,167 @@
+"""The ``tdml-train`` flow: TDML's protocol, top to bottom, one retryable task per step.
+
+    1. publish task            client: task on the market, budget escrowed
+    2. hire parameter servers  servers register, the client hires one per pipeline, opens the job ledger
+    3. key exchange            X25519 keys on the ledger, job secrets sealed to every server
+    4. shard model             stage plan, trainers hired, data and stage weights sealed into the store
+    per epoch:
+    5. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; trainers commit digests
+    6. cross-validate          the next server round the ring scores each local model, commits the score
+    7. detect                  score stage (gradient stage to come); verdicts, evictions on the ledger
+    8. aggregate               top-K average, global model committed, staged for the next epoch
+    9. reward                  credit verified work, finish, settle: paid from escrow, the rest refunded
+
+A run that stops resumes from the last global model on the ledger (``resume=True``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from typing import Callable
+
+from prefect import flow
+from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+from flows.pipeline_epoch import dispatch
+from tasks.protocol import (
+    aggregate, cross_validate, detect, hire_parameter_servers, key_exchange, open_run, publish_task, reward,
+    shard_model, start_epoch,
+)
+from tdml_core.config import load_spec
+from tdml_core.protocol.job import Job, forget_job, remember_job
+from tdml_core.protocol.rewards import validator_of
+from tdml_core.report import epoch_table, markdown_summary, plot_epochs, png_data_url, write_summary
+
+# Called with each finished epoch's record (the command's progress display listens here).
+EPOCH_LISTENERS: list[Callable[[dict], None]] = []
+
+
+class RunLog:
+    """What the run writes as it goes: summary.json after every epoch, artifacts, listeners."""
+
+    def __init__(self, job: Job, t0: float):
+        self.job, self.t0 = job, t0
+        self.path = job.out / "summary.json"
+        first = job.ledger.global_epochs
+        old = json.loads(self.path.read_text()) if self.path.exists() else {}
+        self.epochs = [e for e in old.get("epochs", []) if e["epoch"] < first]  # kept from the run that stopped
+        self.resumed_from = first
+        self.startup_s = time.perf_counter() - t0
+        self.data: dict = {}
+
+    def _write(self, status: str, **extra) -> dict:
+        job = self.job
+        final = self.epochs[-1]["global_accuracy"] if self.epochs else float("nan")
+        self.data = {
+            "job": job.spec.model_dump(mode="json"),
+            "mode": "tdml-run",
+            "status": status,
+            "job_id": job.job_id,
+            "chain": {"url": job.ref.chain, "chain_id": job.chain.chain_id, "market": job.ref.market,
+                      "ledger": job.ref.ledger, "tx_count": job.chain.tx_count},
+            "store": job.ref.store,
+            "plan": job.plan.to_dict(),
+            "epochs": self.epochs,
+            "final_accuracy": final,
+            "resumed_from": self.resumed_from,
+            "trained_epochs": [e["epoch"] for e in self.epochs if e["epoch"] >= self.resumed_from],
+            "startup_s": self.startup_s,
+            "wall_s": time.perf_counter() - self.t0,
+            **extra,
+        }
+        write_summary(job.out, self.data)
+        return self.data
+
+    def epoch(self, record: dict) -> None:
+        self.epochs.append(record)
+        self._write("running")
+        create_table_artifact(
+            table=epoch_table(record), key=f"tdml-job-{self.job.job_id}-epoch-{record['epoch']}",
+            description=f"epoch {record['epoch'] + 1}: global accuracy {record['global_accuracy']:.4f}, "
+                        f"global model {record['global_model_cid']}",
+        )
+        for listen in EPOCH_LISTENERS:
+            listen(record)
+
+    def finish(self, paid: dict) -> dict:
+        data = self._write("finished", **paid)
+        png = plot_epochs(self.epochs, self.job.out / "accuracy.png", f"{self.job.spec.name} (job {self.job.job_id})")
+        key = f"tdml-job-{self.job.job_id}"
+        create_image_artifact(image_url=png_data_url(png), key=f"{key}-accuracy",
+                              description="global accuracy and loss per epoch")
+        create_markdown_artifact(markdown=markdown_summary(data), key=f"{key}-summary",
+                                 description="job, contracts, global model, payments")
+        return data
+
+
+def _kill_hook(epoch: int) -> None:
+    """Test hook: ``TDML_TEST_KILL_AFTER_EPOCH=N`` kills the run once N global models are committed."""
+    after = os.environ.get("TDML_TEST_KILL_AFTER_EPOCH")
+    if after is not None and epoch + 1 == int(after):
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+@flow(name="tdml-train")
+def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | None = None,
+               store: str | None = None) -> dict:
+    t0 = time.perf_counter()
+    spec = load_spec(spec_path)
+    job = open_run(spec, out_dir, resume, chain, store)
+    remember_job(job)
+    try:
+        publish_task(job)
+        hire_parameter_servers(job)
+        key_exchange(job)
+        shard_model(job)
+        log = RunLog(job, t0)
+        pipelines = range(spec.data_parallel)
+        spec_doc = spec.model_dump(mode="json")
+        for epoch in range(job.ledger.global_epochs, spec.epochs):
+            times = {}
+            t = time.perf_counter()
+            attempt = start_epoch(job, epoch)
+            times["start epoch"], t = time.perf_counter() - t, time.perf_counter()
+            trained = [f.result() for f in [
+                dispatch.submit(spec_doc, job.ref.out_dir, p, epoch, attempt, spec.protocol.pipeline_pool)
+                for p in pipelines]]
+            times["train epoch"], t = time.perf_counter() - t, time.perf_counter()
+            scores = [f.result() for f in [cross_validate.submit(job, p, epoch, attempt) for p in pipelines]]
+            times["cross-validate"], t = time.perf_counter() - t, time.perf_counter()
+            verdicts = detect(job, epoch, attempt, scores)
+            times["detect"], t = time.perf_counter() - t, time.perf_counter()
+            result = aggregate(job, epoch, attempt, scores, verdicts)
+            times["aggregate"] = time.perf_counter() - t
+            log.epoch(_record(job, epoch, attempt, trained, scores, verdicts, result, times))
+            _kill_hook(epoch)
+        return log.finish(reward(job))
+    finally:
+        from tdml_core.protocol.trainers import close_trainers
+
+        close_trainers(job)
+        forget_job(job.ref.out_dir)
+
+
+def _record(job: Job, epoch: int, attempt: int, trained: list, scores: list, verdicts: dict, result: dict,
+            times: dict) -> dict:
+    n = job.spec.data_parallel
+    return {
+        "epoch": epoch,
+        "attempt": attempt,
+        "global_accuracy": result["global_accuracy"],
+        "global_loss": result["global_loss"],
+        "global_model_cid": result["global_model_cid"],
+        "local": [
+            {"pipeline": p, "accuracy": sc["accuracy"], "loss": sc["loss"], "train_loss": tr.get("train_loss"),
+             "validator": job.people.servers[validator_of(p, n)].address, "flagged": verdicts["flagged"][p],
+             "selected": p in result["chosen"]}
+            for p, (sc, tr) in enumerate(zip(scores, trained))
+        ],
+        "verdicts": verdicts["verdicts"],
+        "steps_s": times,
+        "trainers_s": {str(tr["pipeline"]): {k: tr[k] for k in ("startup_s", "train_s", "commit_s") if k in tr}
+                       for tr in trained},
+        "wall_s": sum(times.values()),
+    }
