@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tdml-installed
-OUT ?= runs/demo
+OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test install bench clean
 
@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml $(BIN)/python
 
 install: $(STAMP)
 
+# the protocol on the embedded chain and a local store, then the audit of what it left behind
 demo: $(STAMP)
-	$(BIN)/tdml train examples/digits.yaml --out $(OUT)
+	$(BIN)/tdml run examples/digits.yaml --out $(OUT)
+	$(BIN)/tdml audit $(OUT)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

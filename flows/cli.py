@@ -134,7 +134,10 @@ def cmd_run(args) -> int:
     _prefect_env(args.verbose)
     from tdml_core.config import load_spec
 
-    spec = load_spec(args.spec)  # a bad spec is reported before Prefect starts
+    from tdml_core.protocol.steps import check_run_folder
+
+    spec = load_spec(args.spec)  # a bad spec or folder is reported before Prefect starts
+    check_run_folder(args.out, args.resume)
     from flows.train import EPOCH_LISTENERS, tdml_train
 
     console = _console()

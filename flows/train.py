@@ -62,7 +62,7 @@ class RunLog:
             "job_id": job.job_id,
             "chain": {"url": job.ref.chain, "chain_id": job.chain.chain_id, "market": job.ref.market,
                       "ledger": job.ref.ledger, "tx_count": job.chain.tx_count},
-            "store": job.ref.store,
+            "store": job.ref.store_url,
             "plan": job.plan.to_dict(),
             "epochs": self.epochs,
             "final_accuracy": final,

@@ -1,5 +1,6 @@
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# flows run in tests talk to a temporary Prefect server with its own database, not the user's
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tdml-test-prefect-"))
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 
 
 @pytest.fixture(params=["embedded", "anvil"])

@@ -44,10 +44,15 @@ def trace_pipe(model: nn.Module, example: torch.Tensor, split_points: list[str])
     """
     from torch.distributed.pipelining import SplitPoint, pipeline
 
+    import warnings
+
     spec = {name: SplitPoint.BEGINNING for name in split_points}
     # Always traced in training mode: the stages train, and a graph traced in eval
-    # mode would freeze BatchNorm to its running statistics.
-    return pipeline(copy.deepcopy(model).train(), mb_args=(example,), split_spec=spec)
+    # mode would freeze BatchNorm to its running statistics. The filter is set here
+    # too, since another thread's catch_warnings may have restored the global ones.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*treespec, LeafSpec.*")
+        return pipeline(copy.deepcopy(model).train(), mb_args=(example,), split_spec=spec)
 
 
 def _stage_of(node: fx.Node, stage_nodes: list[fx.Node], owner: dict) -> int:

@@ -20,7 +20,7 @@ import torch
 from tdml_core.artifacts import ArtifactError, doc_bytes
 from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
-from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, epoch_slot, spec_from_doc
+from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, epoch_slot, forget_chain, spec_from_doc
 from tdml_core.protocol.rewards import payout, planned_units, validator_of
 from tdml_core.robust.aggregate import average_states
 from tdml_core.robust.detect import score_outliers
@@ -66,6 +66,7 @@ class Auditor:
         if self.ref.ledger is None:
             raise ProtocolError(f"{out_dir}: the job never opened its ledger; there is nothing to audit")
         client = Identity.load(key_file or self.out / "keys" / "client.json", passphrase)
+        forget_chain(self.ref)  # re-execute the journal afresh, whatever this process opened before
         self.job = Job(self.ref, None, Participants(client, [], {}))
         self.opened: dict[tuple[int, str, str], object] = {}
 

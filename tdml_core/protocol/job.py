@@ -56,10 +56,23 @@ class JobRef(BaseModel):
 
     @classmethod
     def load(cls, out_dir: str | Path) -> "JobRef":
+        """The job in ``out_dir``, wherever that folder has been moved or copied to."""
         path = Path(out_dir) / "job.json"
         if not path.is_file():
             raise ProtocolError(f"{out_dir}: no job here (job.json is missing)")
-        return cls.model_validate_json(path.read_text())
+        try:
+            ref = cls.model_validate_json(path.read_text())
+        except ValueError:
+            raise ProtocolError(f"{path}: not a TDML job file") from None
+        ref.out_dir = str(Path(out_dir).resolve())
+        return ref
+
+    @property
+    def store_url(self) -> str:
+        """The store's URL; a local store named relative to the run folder (the default) made absolute."""
+        if self.store.startswith("local:") and not Path(self.store[6:]).is_absolute():
+            return f"local:{Path(self.out_dir) / self.store[6:]}"
+        return self.store
 
 
 def epoch_slot(slot: str, attempt: int) -> str:
@@ -165,7 +178,7 @@ class Job:
         self.ref, self.spec, self.people = ref, spec, participants
         self.n_stages = n_stages
         self.chain = open_chain(ref)
-        self.store = open_store(ref.store)
+        self.store = open_store(ref.store_url)
         self.market = MarketClient(self.chain, ref.market) if ref.market else None
         self.ledger = LedgerClient(self.chain, ref.ledger) if ref.ledger else None
         self._secrets: dict | None = None

@@ -37,20 +37,28 @@ def _spec_doc(spec: JobSpec) -> dict:
 
 
 # -- 0. open the run folder ---------------------------------------------------------
+def check_run_folder(out_dir: str | Path, resume: bool) -> None:
+    """A new job needs a folder without one; resuming needs the job that is there."""
+    out = Path(out_dir)
+    if resume:
+        JobRef.load(out)  # says clearly when there is no job to resume
+    elif (out / "job.json").exists():
+        old = JobRef.load(out)
+        raise ProtocolError(
+            f"{out_dir} already holds job {old.job_id}; pass --resume to continue it, or choose another --out"
+        )
+
+
 def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str | None = None,
             store: str | None = None) -> Job:
     """Open (or re-open, to resume) the job in ``out_dir``: keys, chain, store; fund gas."""
     out = Path(out_dir).resolve()
+    check_run_folder(out_dir, resume)
     if resume:
         ref = JobRef.load(out)
     else:
-        if (out / "job.json").exists():
-            old = JobRef.load(out)
-            raise ProtocolError(
-                f"{out_dir} already holds job {old.job_id}; pass --resume to continue it, or choose another --out"
-            )
         out.mkdir(parents=True, exist_ok=True)
-        store_url = store or spec.protocol.store or f"local:{out / 'store'}"
+        store_url = store or spec.protocol.store or "local:store"  # inside the run folder
         ref = JobRef(out_dir=str(out), chain=chain or spec.protocol.chain, store=store_url)
     ds = load_dataset(spec.dataset, spec.seed)
     job = Job(ref, spec, None)

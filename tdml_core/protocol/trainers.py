@@ -24,7 +24,7 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
     for s in range(job.n_stages):
         trainer = job.people.trainers[(pipeline, s)]
         out[(pipeline, s)] = TrainerSource(
-            store_url=job.ref.store,
+            store_url=job.ref.store_url,
             job_id=job.job_id,
             key_file=str(job.people.key_files[trainer.address]),
             passphrase=job.people.passphrase,
