@@ -31,6 +31,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/chain_bench.py
+	$(BIN)/python bench/flow_overhead.py
 
 clean:
 	rm -rf $(VENV) runs

@@ -109,6 +109,7 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
                store: str | None = None) -> dict:
     t0 = time.perf_counter()
     spec = load_spec(spec_path)
+    out_dir = out_dir.replace("{now}", time.strftime("%Y%m%d-%H%M%S"))  # one folder per scheduled run
     job = open_run(spec, out_dir, resume, chain, store)
     remember_job(job)
     try:
@@ -134,7 +135,11 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
             times["detect"], t = time.perf_counter() - t, time.perf_counter()
             result = aggregate(job, epoch, attempt, scores, verdicts)
             times["aggregate"] = time.perf_counter() - t
-            log.epoch(_record(job, epoch, attempt, trained, scores, verdicts, result, times))
+            t = time.perf_counter()
+            record = _record(job, epoch, attempt, trained, scores, verdicts, result, times)
+            log.epoch(record)
+            times["report"] = time.perf_counter() - t  # lands in summary.json with the next write
+            record["wall_s"] = sum(times.values())
             _kill_hook(epoch)
         return log.finish(reward(job))
     finally:

@@ -135,7 +135,7 @@ class Auditor:
             self.opened[(epoch, kind, slot)] = obj
             if kind == "spec":
                 job.spec = spec_from_doc(obj)
-        self.ok(f"store {self.ref.store}: {len(self.events)} commitments, every id present, "
+        self.ok(f"store {self.ref.store_url}: {len(self.events)} commitments, every id present, "
                 f"{n_bytes:,} bytes match their ids and digests")
 
     def check_plan(self) -> None:
