@@ -181,3 +181,17 @@ def test_a_killed_run_resumes_and_trains_only_the_remaining_epochs(tmp_path):
     assert all(e["attempt"] == 0 for e in data["epochs"])  # no epoch was started twice
     assert JobRef.load(out).job_id == before["job_id"] == data["job_id"]
     _quiet_audit(out)
+
+
+def test_a_run_on_a_real_node_and_s3_passes_its_audit(tmp_path, anvil_url, s3_endpoint):
+    out = tmp_path / "run"
+    done = tdml("run", _spec(tmp_path, epochs=1), "--out", out, "--chain", anvil_url,
+                "--store", f"s3://tdml-flow?endpoint={s3_endpoint}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((out / "summary.json").read_text())
+    assert data["chain"]["url"] == anvil_url and data["chain"]["chain_id"] == 31337
+    assert data["store"].startswith("s3://tdml-flow")
+    assert set(data["rewards"].values()) == {BUDGET // 6}
+    assert not (out / "chain.jsonl").exists()  # the node keeps the chain; nothing to journal
+    checked = tdml("audit", out)
+    assert checked.returncode == 0, checked.stdout[-3000:]
