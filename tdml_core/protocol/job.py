@@ -50,7 +50,7 @@ class JobRef(BaseModel):
 
     def save(self) -> None:
         path = Path(self.out_dir) / "job.json"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f".job.{os.getpid()}.{threading.get_ident()}.tmp")  # writers may run side by side
         tmp.write_text(self.model_dump_json(indent=2))
         tmp.replace(path)
 
