@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from tdml_core.artifacts import ArtifactError, doc_bytes
+from tdml_core.artifacts import ArtifactError
 from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
 from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, epoch_slot, forget_chain, spec_from_doc
@@ -247,4 +247,4 @@ def audit(out_dir: str | Path, key_file: str | Path | None = None, passphrase: s
     Auditor(out_dir, key_file, passphrase, say).run()
 
 
-__all__ = ["AuditFailure", "audit", "doc_bytes"]
+__all__ = ["AuditFailure", "Auditor", "audit"]

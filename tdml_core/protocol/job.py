@@ -14,7 +14,6 @@ process, each signing with its own key.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from dataclasses import dataclass, field
