@@ -73,33 +73,38 @@ def state_digest(state: dict[str, torch.Tensor]) -> str:
     return digest(state_bytes(state))
 
 
-def put_state(store: ContentStore, key: bytes, job_id: int, role: str, state: dict) -> tuple[str, str]:
-    """Seal a state with ``key`` (bound to job and role), store it: (cid of the envelope, state digest)."""
-    raw = state_bytes(state)
-    return store.put(seal(key, raw, job_id, role)), digest(raw)
-
-
-def get_state(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
-    """Fetch by id, open the envelope, check the committed digest, and only then parse."""
-    raw = open_envelope(key, bytes(store.get(cid)), job_id, role)
-    if digest(raw) != expected_digest.removeprefix("0x"):
-        raise IntegrityError(f"{role} ({cid}): the state does not match its committed digest")
-    return state_from_bytes(raw)
-
-
 def doc_bytes(doc: dict) -> bytes:
     """A JSON document's canonical bytes (sorted keys, no spaces): what its digest is taken of."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def put_doc(store: ContentStore, key: bytes, job_id: int, role: str, doc: dict) -> tuple[str, str]:
-    """Seal a small JSON document (a plan, a score, verdicts): (cid, digest of its canonical JSON)."""
-    raw = doc_bytes(doc)
+def put_sealed(store: ContentStore, key: bytes, job_id: int, role: str, raw: bytes) -> tuple[str, str]:
+    """Seal ``raw`` with ``key`` (bound to job and role) and store it: (cid of the envelope, digest of ``raw``)."""
     return store.put(seal(key, raw, job_id, role)), digest(raw)
 
 
-def get_doc(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
-    raw = open_envelope(key, bytes(store.get(cid)), job_id, role)
+def open_sealed(key: bytes, envelope: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> bytes:
+    """Open an envelope fetched by ``cid`` and check its content against the committed digest."""
+    raw = open_envelope(key, envelope, job_id, role)
     if digest(raw) != expected_digest.removeprefix("0x"):
-        raise IntegrityError(f"{role} ({cid}): the document does not match its committed digest")
-    return json.loads(raw)
+        raise IntegrityError(f"{role} ({cid}): the content does not match its committed digest")
+    return raw
+
+
+def put_state(store: ContentStore, key: bytes, job_id: int, role: str, state: dict) -> tuple[str, str]:
+    """Seal a model state and store it: (cid of the envelope, state digest)."""
+    return put_sealed(store, key, job_id, role, state_bytes(state))
+
+
+def get_state(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
+    """Fetch by id, open the envelope, check the committed digest, and only then parse."""
+    return state_from_bytes(open_sealed(key, bytes(store.get(cid)), job_id, role, cid, expected_digest))
+
+
+def put_doc(store: ContentStore, key: bytes, job_id: int, role: str, doc: dict) -> tuple[str, str]:
+    """Seal a small JSON document (a plan, a score, verdicts): (cid, digest of its canonical JSON)."""
+    return put_sealed(store, key, job_id, role, doc_bytes(doc))
+
+
+def get_doc(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
+    return json.loads(open_sealed(key, bytes(store.get(cid)), job_id, role, cid, expected_digest))

@@ -11,13 +11,14 @@ with a message naming it.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from tdml_core.artifacts import ArtifactError
+from tdml_core.artifacts import ArtifactError, open_sealed, state_from_bytes
 from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
 from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, epoch_slot, forget_chain, spec_from_doc
@@ -126,10 +127,10 @@ class Auditor:
                     self.fail(f"{name} ({ev['cid']}): envelope does not match its committed digest")
                 continue
             role, key, form = _ROLES[kind]
-            c = job.must(epoch, kind, slot)
-            try:
-                role_name = role(_base_slot(slot))
-                obj = job.get_doc(role_name, c, key) if form == "doc" else job.get_state(role_name, c, key)
+            try:  # opened from the bytes just checked: each artifact is fetched once
+                content = open_sealed(job.secrets[key], raw, job.job_id, role(_base_slot(slot)), ev["cid"],
+                                      ev["digest"].hex())
+                obj = json.loads(content) if form == "doc" else state_from_bytes(content)
             except (StoreError, CryptoError, ArtifactError, ValueError) as exc:
                 self.fail(f"{name} ({ev['cid']}): {exc}")
             self.opened[(epoch, kind, slot)] = obj
@@ -221,14 +222,14 @@ class Auditor:
             self.fail("the job was not finished and settled")
         units = work_done(job, self.servers, self.trainers)
         planned = planned_units(spec.epochs, spec.data_parallel, job.n_stages)
-        budget = job.market.task(job.job_id)["budget"]
+        task = job.market.task(job.job_id)
+        budget, client = task["budget"], task["client"]
         paid = {}
         last = job.chain.w3.eth.block_number
         for lo in range(self.ref.ledger_block or 0, last + 1, LOG_CHUNK):
             for ev in job.chain.logs(job.market.c, "Paid", lo, min(lo + LOG_CHUNK - 1, last)):
                 if ev["task_id"] == job.job_id:
                     paid[ev["who"]] = paid.get(ev["who"], 0) + ev["amount"]
-        client = job.market.task(job.job_id)["client"]
         for address, u in units.items():
             if job.ledger.work(address) != u:
                 self.fail(f"{address} was credited {job.ledger.work(address)} units; its verified work is {u}")
