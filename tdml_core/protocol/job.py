@@ -28,7 +28,6 @@ from tdml_core.chain.market import Commitment, LedgerClient, MarketClient
 from tdml_core.config import GENERATE, JobSpec, parse_spec
 from tdml_core.crypto import CryptoError
 from tdml_core.identity import Identity, open_secrets
-from tdml_core.model import build_model
 
 GAS_FUNDS_WEI = 5 * 10**17  # what a generated participant is given for gas on a development chain
 
@@ -265,9 +264,10 @@ class Job:
         return self._test
 
     def new_model(self) -> torch.nn.Module:
+        from tdml_core.runtime.context import model_for
+
         x, _, num_classes = self.test_set()
-        s = self.spec
-        return build_model(s.model, num_classes, int(x.shape[1]), x[: s.microbatch_size].clone(), s.seed, s.model_args)
+        return model_for(self.spec, num_classes, x)
 
     def attempt(self, epoch: int) -> int:
         """The latest attempt at ``epoch`` that was started (-1 if none)."""

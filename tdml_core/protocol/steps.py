@@ -17,7 +17,7 @@ import torch
 from tdml_core.artifacts import doc_bytes
 from tdml_core.config import JobSpec
 from tdml_core.crypto import digest, new_data_key
-from tdml_core.data import load_dataset, shard
+from tdml_core.data import shard
 from tdml_core.identity import Identity, seal_secrets
 from tdml_core.model import split_model
 from tdml_core.model.split import quiet_trace_warnings
@@ -26,7 +26,7 @@ from tdml_core.protocol.rewards import planned_units, trainer_earns, validator_o
 from tdml_core.robust.aggregate import average_states, select_top_k
 from tdml_core.robust.detect import gradient_stage, score_stage
 from tdml_core.robust.validate import evaluate
-from tdml_core.runtime.context import make_plan
+from tdml_core.runtime.context import load_job, make_plan
 
 SERVER_MEMORY = 16 * 2**30  # what a local parameter server offers on the market
 TRAINER_MEMORY = 8 * 2**30  # a local trainer's offer when the spec names no memory
@@ -60,10 +60,9 @@ def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str
         out.mkdir(parents=True, exist_ok=True)
         store_url = store or spec.protocol.store or "local:store"  # inside the run folder
         ref = JobRef(out_dir=str(out), chain=chain or spec.protocol.chain, store=store_url)
-    ds = load_dataset(spec.dataset, spec.seed)
+    ds, model = load_job(spec)
     job = Job(ref, spec, None)
-    job.client_data = ds
-    job.model = job_model(spec, ds.num_classes, ds.in_channels, ds.train_x[: spec.microbatch_size].clone())
+    job.client_data, job.model = ds, model
     job.plan = make_plan(spec, job.model, ds)
     job.n_stages = job.plan.n_stages
     job.people = load_participants(spec, job.n_stages, out / "keys")
@@ -76,12 +75,6 @@ def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str
         _fund(job, who.address, GAS_FUNDS_WEI + (spec.protocol.budget_wei if who is job.people.client else 0))
     job.save_ref()
     return job
-
-
-def job_model(spec: JobSpec, num_classes: int, in_channels: int, example: torch.Tensor) -> torch.nn.Module:
-    from tdml_core.model import build_model
-
-    return build_model(spec.model, num_classes, in_channels, example, spec.seed, spec.model_args)
 
 
 def _fund(job: Job, address: str, need: int) -> None:

@@ -14,11 +14,15 @@ def example_microbatch(ds: Dataset, spec: JobSpec) -> torch.Tensor:
     return ds.train_x[: spec.microbatch_size].clone()
 
 
+def model_for(spec: JobSpec, num_classes: int, example: torch.Tensor) -> nn.Module:
+    """The job's model with its seeded initial weights, shaped by the classes and an input batch."""
+    return build_model(spec.model, num_classes, int(example.shape[1]), example[: spec.microbatch_size].clone(),
+                       spec.seed, spec.model_args)
+
+
 def new_model(spec: JobSpec, ds: Dataset) -> nn.Module:
     """The job's model with its seeded initial weights (the epoch-0 global model)."""
-    return build_model(
-        spec.model, ds.num_classes, ds.in_channels, example_microbatch(ds, spec), spec.seed, spec.model_args
-    )
+    return model_for(spec, ds.num_classes, example_microbatch(ds, spec))
 
 
 def make_plan(spec: JobSpec, model: nn.Module, ds: Dataset | torch.Tensor) -> StagePlan:

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from tdml_core.artifacts import get_state, put_state
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
-from tdml_core.model import StagePlan, build_model, split_model
+from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
-from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer
+from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer, model_for
 
 
 @dataclass
@@ -145,7 +145,7 @@ class StageProcess:
         if self.trainer:  # the shard comes from the store; the model's shape from the spec
             self.x, self.y, num_classes = self.trainer.shard()
             example = self.x[: spec.microbatch_size].clone()
-            model = build_model(spec.model, num_classes, int(self.x.shape[1]), example, spec.seed, spec.model_args)
+            model = model_for(spec, num_classes, example)
         else:
             ds, model = load_job(spec)
             self.x, self.y = shard(ds, args.pipeline, spec.data_parallel, spec.seed)
