@@ -3,20 +3,54 @@
 """
 @title TDML job ledger
 @notice The private side of one job, made by the market from its blueprint.
-        Only the client and participants hired on the market may write.
-        Commitments (content ids and digests of shards, local models, gradients,
-        scores, verdicts, the global model) are written once and never changed.
-        Servers credit their trainers' verified work, the client credits the
-        servers; an evicted trainer loses its credit. After `finish`, each
-        participant has earned budget * units / planned_units.
+        Every slot has one rightful writer, read from the market's hiring
+        records: the client commits the job's inputs and the keys it seals;
+        the server of pipeline p its plan and the keys it seals to its
+        trainers; the trainer holding stage s of pipeline p that stage's
+        weights and gradient; the validator the ring assigns (the server of
+        pipeline p+1) pipeline p's score; the aggregating server (pipeline 0's)
+        attempts, stage inputs, verdicts and global models. Commitments are
+        written once, only for epochs the job has, only in order.
+        A participant is credited one unit per finished epoch whose
+        commitments it wrote (trainers by their server, servers by the client),
+        never more; an evicted trainer loses its credit. After `finish` (or
+        when the market closes the ledger at the deadline), each participant
+        has earned budget * units / planned_units.
 """
 
 interface Market:
     def role(task_id: uint256, who: address) -> uint8: view
     def server_of(task_id: uint256, who: address) -> address: view
+    def server_at(task_id: uint256, pipeline: uint256) -> address: view
+    def holder(task_id: uint256, pipeline: uint256, stage: uint256) -> address: view
+    def pipeline_of(task_id: uint256, who: address) -> uint256: view
+    def stage_of(task_id: uint256, who: address) -> uint256: view
 
 SERVER: constant(uint8) = 1
 TRAINER: constant(uint8) = 2
+
+# Kinds of commitment. Job set-up (epoch 0, attempt 0):
+SPEC: constant(uint8) = 1  # client: the job spec
+CLIENT_KEYS: constant(uint8) = 2  # client: the job's root keys, sealed to itself
+SERVER_KEYS: constant(uint8) = 3  # client: the servers' keys, sealed to the server of `pipeline`
+DATA_KEY: constant(uint8) = 4  # client: `pipeline`'s data key, sealed to trainer (pipeline, stage)
+DATA: constant(uint8) = 5  # client: `pipeline`'s data shard
+EVAL: constant(uint8) = 6  # client: the set local models are scored on
+K_INIT: constant(uint8) = 7  # client: the initial model
+PLAN: constant(uint8) = 8  # server of `pipeline`: its stage plan and trainers
+TRAINER_KEYS: constant(uint8) = 9  # server of `pipeline`: stage keys sealed to trainer (pipeline, stage)
+# Per epoch:
+ATTEMPT: constant(uint8) = 10  # aggregator: an attempt at the epoch starts (0, then 1 after a crash, ...)
+STAGE: constant(uint8) = 11  # aggregator: `stage`'s slice of the previous global model
+WEIGHTS: constant(uint8) = 12  # trainer (pipeline, stage): its trained weights
+GRAD: constant(uint8) = 13  # trainer (pipeline, stage): its epoch gradient
+SCORE: constant(uint8) = 14  # validator of `pipeline`: the local model's score
+VERDICTS: constant(uint8) = 15  # aggregator: detection's verdicts
+K_GLOBAL: constant(uint8) = 16  # aggregator: the global model
+LAST_KIND: constant(uint8) = 16
+
+MAX_ATTEMPTS: public(constant(uint256)) = 8
+MAX_CREDIT_BATCH: constant(uint256) = 1024
 
 struct Commitment:
     cid: String[100]
@@ -26,14 +60,16 @@ struct Commitment:
 event Committed:
     epoch: indexed(uint256)
     writer: indexed(address)
-    kind: String[32]
-    slot: String[32]
+    kind: uint8
+    pipeline: uint256
+    stage: uint256
+    attempt: uint256
     cid: String[100]
     digest: bytes32
 
 event Credited:
     who: indexed(address)
-    units: uint256
+    epoch: uint256
 
 event Evicted:
     trainer: indexed(address)
@@ -48,70 +84,159 @@ task_id: public(uint256)
 client: public(address)
 budget: public(uint256)
 planned_units: public(uint256)
+epochs: public(uint256)
+splits: public(uint256)
+stages: public(uint256)
 credited: public(uint256)
 finished: public(bool)
+closed: public(bool)
 work: public(HashMap[address, uint256])
+credited_for: public(HashMap[address, HashMap[uint256, bool]])  # who -> epoch -> credited
 evicted: public(HashMap[address, bool])
 commitments: public(HashMap[bytes32, Commitment])
+attempts: public(HashMap[uint256, uint256])  # epoch -> attempts started
 global_epochs: public(uint256)
 
 
 @deploy
-def __init__(market: address, task_id: uint256, client: address, budget: uint256, planned_units: uint256):
+def __init__(market: address, task_id: uint256, client: address, budget: uint256, planned_units: uint256,
+             epochs: uint256, splits: uint256, stages: uint256):
     self.market = market
     self.task_id = task_id
     self.client = client
     self.budget = budget
     self.planned_units = planned_units
+    self.epochs = epochs
+    self.splits = splits
+    self.stages = stages
+
+
+@pure
+@internal
+def _key(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256) -> bytes32:
+    return keccak256(abi_encode(epoch, kind, pipeline, stage, attempt))
+
+
+@pure
+@external
+def key(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256) -> bytes32:
+    return self._key(epoch, kind, pipeline, stage, attempt)
 
 
 @view
 @internal
-def _role(who: address) -> uint8:
-    return staticcall Market(self.market).role(self.task_id, who)
+def _server_at(pipeline: uint256) -> address:
+    return staticcall Market(self.market).server_at(self.task_id, pipeline)
+
+
+@view
+@internal
+def _owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256) -> address:
+    """The one address that may write this slot; reverts when the slot does not exist."""
+    assert kind >= SPEC and kind <= LAST_KIND, "unknown kind"
+    assert pipeline < self.splits, "no such pipeline"
+    assert stage < self.stages, "no such stage"
+    if kind < ATTEMPT:
+        assert epoch == 0 and attempt == 0, "set-up is committed at epoch 0"
+        if kind == SERVER_KEYS or kind == DATA or kind == PLAN:
+            assert stage == 0, "a pipeline's slot has stage 0"
+        elif kind == SPEC or kind == CLIENT_KEYS or kind == EVAL or kind == K_INIT:
+            assert pipeline == 0 and stage == 0, "a job's slot has pipeline 0, stage 0"
+        if kind == PLAN or kind == TRAINER_KEYS:
+            return self._server_at(pipeline)
+        if kind == DATA_KEY or kind == TRAINER_KEYS:
+            assert staticcall Market(self.market).holder(self.task_id, pipeline, stage) != empty(address), \
+                "stage not hired"
+        return self.client
+    assert epoch < self.epochs, "beyond the job's epochs"
+    assert epoch >= self.global_epochs, "epoch already has its global model"
+    started: uint256 = self.attempts[epoch]
+    if kind == ATTEMPT:
+        assert pipeline == 0 and stage == 0, "a job's slot has pipeline 0, stage 0"
+        assert attempt == started, "attempts start in order"
+        assert attempt < MAX_ATTEMPTS, "too many attempts"
+        assert epoch == self.global_epochs, "epochs run in order"
+        return self._server_at(0)
+    if kind == STAGE:
+        assert pipeline == 0 and attempt == 0, "a stage input has pipeline 0, attempt 0"
+        assert epoch == self.global_epochs, "epochs run in order"
+        return self._server_at(0)
+    assert started > 0 and attempt == started - 1, "not the epoch's current attempt"
+    if kind == WEIGHTS or kind == GRAD:
+        return staticcall Market(self.market).holder(self.task_id, pipeline, stage)
+    assert stage == 0, "a pipeline's slot has stage 0"
+    if kind == SCORE:
+        return self._server_at((pipeline + 1) % self.splits)
+    assert pipeline == 0, "a job's slot has pipeline 0, stage 0"
+    return self._server_at(0)  # VERDICTS, K_GLOBAL
 
 
 @view
 @external
-def key(epoch: uint256, kind: String[32], slot: String[32]) -> bytes32:
-    return keccak256(abi_encode(epoch, kind, slot))
+def owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256) -> address:
+    return self._owner(epoch, kind, pipeline, stage, attempt)
 
 
 @external
-def commit(epoch: uint256, kind: String[32], slot: String[32], cid: String[100], digest: bytes32):
-    assert not self.finished, "job finished"
-    assert msg.sender == self.client or self._role(msg.sender) > 0, "not hired"
+def commit(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256,
+           cid: String[100], digest: bytes32):
+    assert not self.finished and not self.closed, "job finished"
     assert not self.evicted[msg.sender], "evicted"
-    k: bytes32 = keccak256(abi_encode(epoch, kind, slot))
+    assert msg.sender == self._owner(epoch, kind, pipeline, stage, attempt), "not this slot's writer"
+    k: bytes32 = self._key(epoch, kind, pipeline, stage, attempt)
     assert self.commitments[k].writer == empty(address), "already committed"
-    self.commitments[k] = Commitment(cid=cid, digest=digest, writer=msg.sender)
-    if kind == "global" and epoch + 1 > self.global_epochs:
+    if kind == K_GLOBAL:
+        assert self.commitments[self._key(epoch, VERDICTS, 0, 0, attempt)].writer != empty(address), \
+            "verdicts first"
         self.global_epochs = epoch + 1
-    log Committed(epoch=epoch, writer=msg.sender, kind=kind, slot=slot, cid=cid, digest=digest)
+    elif kind == ATTEMPT:
+        self.attempts[epoch] = attempt + 1
+    self.commitments[k] = Commitment(cid=cid, digest=digest, writer=msg.sender)
+    log Committed(epoch=epoch, writer=msg.sender, kind=kind, pipeline=pipeline, stage=stage, attempt=attempt,
+                  cid=cid, digest=digest)
+
+
+@view
+@internal
+def _did_work(who: address, r: uint8, epoch: uint256) -> bool:
+    """Whether `who` wrote its commitments of `epoch`'s final attempt."""
+    attempt: uint256 = self.attempts[epoch] - 1
+    p: uint256 = staticcall Market(self.market).pipeline_of(self.task_id, who)
+    if r == TRAINER:
+        s: uint256 = staticcall Market(self.market).stage_of(self.task_id, who)
+        return self.commitments[self._key(epoch, WEIGHTS, p, s, attempt)].writer == who \
+            and self.commitments[self._key(epoch, GRAD, p, s, attempt)].writer == who
+    validated: uint256 = (p + self.splits - 1) % self.splits  # the pipeline this server scores
+    return self.commitments[self._key(epoch, SCORE, validated, 0, attempt)].writer == who
 
 
 @external
-def credit(who: address, units: uint256):
-    assert not self.finished, "job finished"
-    r: uint8 = self._role(who)
+def credit(who: address, epochs: DynArray[uint256, MAX_CREDIT_BATCH]):
+    """One unit for each finished epoch whose commitments `who` wrote, once per epoch."""
+    assert not self.finished and not self.closed, "job finished"
+    r: uint8 = staticcall Market(self.market).role(self.task_id, who)
     if r == SERVER:
         assert msg.sender == self.client, "only the client credits a server"
     elif r == TRAINER:
-        server: address = staticcall Market(self.market).server_of(self.task_id, who)
-        assert msg.sender == server or msg.sender == self.client, "only its server credits a trainer"
+        assert msg.sender == staticcall Market(self.market).server_of(self.task_id, who), \
+            "only its server credits a trainer"
     else:
         raise "not a participant"
     assert not self.evicted[who], "evicted"
-    assert self.credited + units <= self.planned_units, "more work than planned"
-    self.work[who] += units
-    self.credited += units
-    log Credited(who=who, units=units)
+    for e: uint256 in epochs:
+        assert e < self.global_epochs, "epoch not finished"
+        assert not self.credited_for[who][e], "already credited for this epoch"
+        assert self._did_work(who, r, e), "no commitments of its own in this epoch"
+        self.credited_for[who][e] = True
+        log Credited(who=who, epoch=e)
+    self.work[who] += len(epochs)
+    self.credited += len(epochs)
 
 
 @external
 def evict(trainer: address, epoch: uint256, reason: String[100]):
-    assert not self.finished, "job finished"
-    assert self._role(trainer) == TRAINER, "not a trainer"
+    assert not self.finished and not self.closed, "job finished"
+    assert staticcall Market(self.market).role(self.task_id, trainer) == TRAINER, "not a trainer"
     server: address = staticcall Market(self.market).server_of(self.task_id, trainer)
     assert msg.sender == server or msg.sender == self.client, "only its server or the client"
     assert not self.evicted[trainer], "already evicted"
@@ -124,9 +249,16 @@ def evict(trainer: address, epoch: uint256, reason: String[100]):
 @external
 def finish():
     assert msg.sender == self.client, "only the client"
-    assert not self.finished, "already finished"
+    assert not self.finished and not self.closed, "already finished"
     self.finished = True
     log Finished(credited=self.credited)
+
+
+@external
+def close():
+    """The market freezes the ledger when it settles the task (after `finish`, or at the deadline)."""
+    assert msg.sender == self.market, "only the market"
+    self.closed = True
 
 
 @view

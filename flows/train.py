@@ -1,15 +1,16 @@
 """The ``tdml-train`` flow: TDML's protocol, top to bottom, one retryable task per step.
 
-    1. publish task            client: task on the market, budget escrowed
-    2. hire parameter servers  servers register, the client hires one per pipeline, opens the job ledger
-    3. key exchange            X25519 keys on the ledger, job secrets sealed to every server
-    4. shard model             stage plan, trainers hired, data and stage weights sealed into the store
+    1. publish task            client: task on the market under its salt, budget escrowed, deadline set
+    2. hire parameter servers  servers register with their keys, the client hires one per pipeline
+    3. hire trainers           servers post hiring, trainers offer, one hired per stage; the ledger opens
+    4. key exchange            each participant is sealed only the keys it needs
+    5. shard model             plans, data shards, the eval set, the initial model and stage inputs sealed
     per epoch:
-    5. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; trainers commit digests
-    6. cross-validate          the next server round the ring scores each local model, commits the score
-    7. detect                  score stage (gradient stage to come); verdicts, evictions on the ledger
-    8. aggregate               top-K average, global model committed, staged for the next epoch
-    9. reward                  credit verified work, finish, settle: paid from escrow, the rest refunded
+    6. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; trainers commit digests
+    7. cross-validate          the next server round the ring scores each local model, commits the score
+    8. detect                  score stage (gradient stage to come); verdicts, evictions on the ledger
+    9. aggregate               top-K average, global model committed, staged for the next epoch
+    10. reward                 credit each epoch's verified work, finish, settle, everyone claims its pay
 
 A run that stops resumes from the last global model on the ledger (``resume=True``).
 """
@@ -27,8 +28,8 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 
 from flows.pipeline_epoch import dispatch
 from tasks.protocol import (
-    aggregate, cross_validate, detect, hire_parameter_servers, key_exchange, open_run, publish_task, reward,
-    shard_model, start_epoch,
+    aggregate, cross_validate, detect, hire_parameter_servers, hire_trainers, key_exchange, open_run, publish_task,
+    reward, shard_model, start_epoch,
 )
 from tdml_core.config import load_spec
 from tdml_core.protocol.job import Job, forget_job, remember_job
@@ -104,17 +105,39 @@ def _kill_hook(epoch: int) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _install_tx_kill_hook() -> None:
+    """Test hook: ``TDML_TEST_KILL_AFTER_TX=settle`` kills the run right after its first ``settle`` transaction
+    (``credit:2``: after the second ``credit``)."""
+    from tdml_core.chain.client import AFTER_TRANSACT
+
+    want = os.environ.get("TDML_TEST_KILL_AFTER_TX")
+    if not want:
+        return
+    name, _, nth = want.partition(":")
+    seen = [0]
+
+    def hook(fn_name: str) -> None:
+        if fn_name == name:
+            seen[0] += 1
+            if seen[0] == int(nth or 1):
+                os.killpg(os.getpgrp(), signal.SIGKILL)
+
+    AFTER_TRANSACT.append(hook)
+
+
 @flow(name="tdml-train")
 def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | None = None,
                store: str | None = None) -> dict:
     t0 = time.perf_counter()
     spec = load_spec(spec_path)
     out_dir = out_dir.replace("{now}", time.strftime("%Y%m%d-%H%M%S"))  # one folder per scheduled run
+    _install_tx_kill_hook()
     job = open_run(spec, out_dir, resume, chain, store)
     remember_job(job)
     try:
         publish_task(job)
         hire_parameter_servers(job)
+        hire_trainers(job)
         key_exchange(job)
         shard_model(job)
         log = RunLog(job, t0)
@@ -165,6 +188,8 @@ def _record(job: Job, epoch: int, attempt: int, trained: list, scores: list, ver
             for p, (sc, tr) in enumerate(zip(scores, trained))
         ],
         "verdicts": verdicts["verdicts"],
+        "restarted": [slot for tr in trained for slot in tr.get("restarted", [])],  # trainers started afresh
+        "failures": [f for tr in trained for f in tr.get("failures", [])],
         "steps_s": times,
         "trainers_s": {str(tr["pipeline"]): {k: tr[k] for k in ("startup_s", "train_s", "commit_s") if k in tr}
                        for tr in trained},

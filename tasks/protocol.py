@@ -21,6 +21,11 @@ def hire_parameter_servers(job) -> list[str]:
     return steps.hire_parameter_servers(job)
 
 
+@step("hire trainers")
+def hire_trainers(job) -> str:
+    return steps.hire_trainers(job)
+
+
 @step("key exchange")
 def key_exchange(job) -> None:
     steps.exchange_keys(job)

@@ -33,6 +33,10 @@ from tdml_core.chain.compile import compile_contract
 ANVIL_DEV_KEY = "0xac0974bec39a17e36ba4a6b4d238ff944bacb478cbed5efcae784d7bf4f2ff80"
 
 
+# Called with a contract function's name after each of its transactions is mined (a test hook).
+AFTER_TRANSACT: list = []
+
+
 class ChainError(RuntimeError):
     """A transaction reverted or the node refused it; the message carries the reason."""
 
@@ -87,6 +91,7 @@ class Chain:
                 continue
             try:
                 entry = json.loads(line)
+                self._set_next_timestamp(entry.get("ts"))
                 h = self.w3.eth.send_raw_transaction(bytes.fromhex(entry["raw"]))
             except Exception as exc:
                 raise ChainError(f"{path}:{n}: transaction does not re-execute: {_reason(exc)}") from None
@@ -95,11 +100,19 @@ class Chain:
                 raise ChainError(f"{path}:{n}: transaction re-executes differently from its record")
             self.tx_count += 1
 
+    def _set_next_timestamp(self, ts: int | None) -> None:
+        """Mine the next block at the time it was first mined at, so that rules on time replay alike."""
+        backend = self.w3.provider.ethereum_tester.backend
+        parent = self.w3.eth.get_block("latest")["timestamp"]
+        if ts is not None and ts > parent:
+            backend.chain.header = backend.chain.header.copy(timestamp=ts)
+
     def _record(self, raw: bytes, receipt) -> None:
         if self.journal is None:
             return
         self.journal.parent.mkdir(parents=True, exist_ok=True)
-        entry = {"hash": receipt["transactionHash"].hex(), "status": receipt["status"], "raw": raw.hex()}
+        ts = self.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
+        entry = {"hash": receipt["transactionHash"].hex(), "status": receipt["status"], "ts": ts, "raw": raw.hex()}
         with self.journal.open("a") as f:  # one line per mined transaction, flushed at once
             f.write(json.dumps(entry) + "\n")
 
@@ -109,6 +122,23 @@ class Chain:
 
     def fund(self, address: str, wei: int) -> Sent:
         return self.send(self.faucet, {"to": address, "value": wei})
+
+    def nonce(self, address: str) -> int:
+        """The nonce ``address``'s next transaction will carry."""
+        with self._lock:
+            return self._nonce(address)
+
+    def timestamp(self) -> int:
+        """The latest block's timestamp."""
+        return self.w3.eth.get_block("latest")["timestamp"]
+
+    def advance_time(self, seconds: int) -> None:
+        """Move the chain's clock forward (development chains only: the embedded one and anvil)."""
+        if self.url == "embedded":
+            self.w3.provider.ethereum_tester.time_travel(self.timestamp() + seconds)
+        else:
+            self.w3.provider.make_request("evm_increaseTime", [seconds])
+            self.w3.provider.make_request("evm_mine", [])
 
     def _nonce(self, address: str) -> int:
         if address not in self._nonces:
@@ -168,7 +198,10 @@ class Chain:
         except Exception as exc:
             raise ChainError(f"reverted: {_reason(exc)}") from None
         tx.pop("from", None)
-        return self.send(sender, tx)
+        sent = self.send(sender, tx)
+        for hook in AFTER_TRANSACT:
+            hook(call.fn_name)
+        return sent
 
     # -- contracts -----------------------------------------------------------
     def contract(self, name, address: str) -> Contract:

@@ -1,12 +1,13 @@
 """Re-check a finished job from its ledger and its store alone.
 
-The auditor holds the client's key (to open the job's secrets) and nothing the
+The auditor holds the client's key (to open the job's keys) and nothing the
 run computed: it re-executes the chain (embedded runs), reads every commitment
-of the job's ledger, fetches every committed id and checks its bytes and
-digest, loads every local model, re-scores them on the committed test set,
-re-applies detection and the top-K rule to rebuild each global model, and
-recounts the work the contract paid for. The first mismatch stops the audit
-with a message naming it.
+of the job's ledger, checks that each was signed by its slot's rightful writer,
+fetches every committed id and checks its bytes and digest, loads every local
+model, re-scores them on the committed eval set, re-applies detection and the
+top-K rule to rebuild each global model, recounts the work the contract paid
+for, and re-derives the figures of ``summary.json``. The first mismatch stops
+the audit with a message naming it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ from typing import Callable
 import torch
 
 from tdml_core.artifacts import ArtifactError, open_sealed, state_from_bytes
+from tdml_core.chain.client import ChainError
+from tdml_core.chain.market import TRAINER, Kind, Slot
 from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
-from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, epoch_slot, forget_chain, spec_from_doc
+from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, forget_chain, spec_from_doc
+from tdml_core.protocol.keys import role_of
 from tdml_core.protocol.rewards import payout, planned_units, validator_of
 from tdml_core.robust.aggregate import average_states
 from tdml_core.robust.detect import score_outliers
@@ -29,33 +33,19 @@ from tdml_core.runtime.context import make_plan
 from tdml_core.storage import StoreError
 
 LOG_CHUNK = 5000  # blocks per event query
+SEALED_TO_ONE = {Kind.CLIENT_KEYS, Kind.SERVER_KEYS, Kind.DATA_KEY, Kind.TRAINER_KEYS}  # envelope digest committed
+DOCS = {Kind.SPEC, Kind.PLAN, Kind.SCORE, Kind.VERDICTS}
+AGGREGATOR_KINDS = {Kind.ATTEMPT, Kind.STAGE, Kind.VERDICTS, Kind.GLOBAL}
 
 
 class AuditFailure(RuntimeError):
     """What the ledger, the store and a re-computation disagree on."""
 
 
-def _base_slot(slot: str) -> str:
-    return slot.split("~")[0]
-
-
-# kind -> (role of the sealed artifact, which key, state or doc); None: nothing to open
-_ROLES: dict[str, tuple[Callable[[str], str], str, str] | None] = {
-    "spec": (lambda s: "spec", "data_key", "doc"),
-    "plan": (lambda s: f"plan/{s}", "model_key", "doc"),
-    "data": (lambda s: f"data/{s}", "data_key", "state"),
-    "test": (lambda s: "test", "data_key", "state"),
-    "init": (lambda s: "init", "model_key", "state"),
-    "stage": (lambda s: f"stage/{s}", "model_key", "state"),
-    "weights": (lambda s: f"weights/{s}", "model_key", "state"),
-    "grad": (lambda s: f"grad/{s}", "model_key", "state"),
-    "score": (lambda s: f"score/{s}", "model_key", "doc"),
-    "verdicts": (lambda s: "verdicts", "model_key", "doc"),
-    "global": (lambda s: "global", "model_key", "state"),
-    "secrets": None,
-    "pubkey": None,
-    "attempt": None,
-}
+def _opening_error(out: Path, ref: JobRef, exc: Exception) -> AuditFailure:
+    if ref.chain == "embedded" and not (out / "chain.jsonl").exists():
+        return AuditFailure(f"{out / 'chain.jsonl'} is missing: the run's embedded chain cannot be re-executed")
+    return AuditFailure(f"cannot open the job's contracts ({type(exc).__name__}: {str(exc).splitlines()[0]})")
 
 
 class Auditor:
@@ -64,12 +54,18 @@ class Auditor:
         self.out = Path(out_dir)
         self.say = say
         self.ref = JobRef.load(self.out)
-        if self.ref.ledger is None:
+        if self.ref.ledger is None or self.ref.market is None or self.ref.job_id is None:
             raise ProtocolError(f"{out_dir}: the job never opened its ledger; there is nothing to audit")
         client = Identity.load(key_file or self.out / "keys" / "client.json", passphrase)
         forget_chain(self.ref)  # re-execute the journal afresh, whatever this process opened before
-        self.job = Job(self.ref, None, Participants(client, [], {}))
-        self.opened: dict[tuple[int, str, str], object] = {}
+        try:
+            self.job = Job(self.ref, None, Participants(client, [], {}))
+            self.task = self.job.market.task(self.ref.job_id)
+        except ChainError as exc:
+            raise AuditFailure(f"the run's chain: {exc}") from None
+        except Exception as exc:  # a damaged address, a journal of another run: say which, in one line
+            raise _opening_error(self.out, self.ref, exc) from None
+        self.opened: dict[Slot, object] = {}
 
     def ok(self, message: str) -> None:
         self.say(f"ok    {message}")
@@ -80,91 +76,132 @@ class Auditor:
     # -- the checks, in order ------------------------------------------------------------
     def run(self) -> None:
         self.check_chain()
+        self.check_signers()
         self.check_store()
         self.check_plan()
         self.check_epochs()
         self.check_rewards()
+        self.check_summary()
 
     def check_chain(self) -> None:
-        job = self.job
+        job, task = self.job, self.task
         how = f"{job.chain.tx_count} transactions re-executed from chain.jsonl" if job.ref.chain == "embedded" \
             else f"JSON-RPC node at {job.ref.chain}"
         if job.chain.chain_id != self.ref.chain_id:
             self.fail(f"chain id {job.chain.chain_id} is not the run's {self.ref.chain_id}")
-        if job.market.task(job.job_id)["ledger"] != job.ledger.address:
-            self.fail(f"market {job.market.address} names another ledger for job {job.job_id}")
+        if not job.chain.w3.eth.get_code(job.market.address):
+            self.fail(f"no market contract at {job.market.address} on this chain (is chain.jsonl from another run?)")
+        if task["ledger"] != job.ledger.address:
+            self.fail(f"market {job.market.address} names ledger {task['ledger']} for job {job.job_id}, "
+                      f"job.json names {job.ledger.address}")
+        if task["client"] != job.people.client.address:
+            self.fail(f"job {job.job_id} was published by {task['client']}, not by the client key "
+                      f"{job.people.client.address}")
+        if self.ref.ledger_block != task["ledger_block"]:
+            self.fail(f"job.json says the ledger opened at block {self.ref.ledger_block}; "
+                      f"the market says {task['ledger_block']}")
         self.ok(f"chain {job.chain.chain_id}: {how}; job {job.job_id}, ledger {job.ledger.address}")
 
     def commitments(self) -> list[dict]:
         chain, c = self.job.chain, self.job.ledger.c
-        start, last = self.ref.ledger_block or 0, chain.w3.eth.block_number
+        start, last = self.task["ledger_block"], chain.w3.eth.block_number
         out = []
         for lo in range(start, last + 1, LOG_CHUNK):
             out += chain.logs(c, "Committed", lo, min(lo + LOG_CHUNK - 1, last))
+        for ev in out:
+            ev["slot"] = Slot(ev["epoch"], Kind(ev["kind"]), ev["pipeline"], ev["stage"], ev["attempt"])
         return out
+
+    def rightful_writer(self, slot: Slot, writer: str) -> str | None:
+        """Who may write ``slot``; None when ``writer`` is the trainer the market hired for it."""
+        m, task_id, n = self.job.market, self.job.job_id, self.task["splits"]
+        kind = slot.kind
+        if kind in (Kind.WEIGHTS, Kind.GRAD):  # a replacement holds the slot after an eviction
+            if (m.role(task_id, writer) == TRAINER and m.c.functions.pipeline_of(task_id, writer).call() == slot.pipeline
+                    and m.c.functions.stage_of(task_id, writer).call() == slot.stage):
+                return None
+            return m.holder(task_id, slot.pipeline, slot.stage)
+        if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
+            return m.server_at(task_id, slot.pipeline)
+        if kind == Kind.SCORE:
+            return m.server_at(task_id, validator_of(slot.pipeline, n))
+        if kind in AGGREGATOR_KINDS:
+            return m.server_at(task_id, 0)
+        return self.task["client"]
+
+    def check_signers(self) -> None:
+        """Every commitment was signed by its slot's owner, as the market's hiring records name it."""
+        self.events = self.commitments()
+        for ev in self.events:
+            owner = self.rightful_writer(ev["slot"], ev["writer"])
+            if owner is not None and owner != ev["writer"]:
+                self.fail(f"{ev['slot']}: signed by {ev['writer']}, but the slot belongs to {owner}")
+        self.ok(f"signers: each of {len(self.events)} commitments signed by its slot's owner")
 
     def check_store(self) -> None:
         """Every committed id is in the store, its bytes match the id, and it opens to the committed digest."""
         job = self.job
-        self.events = self.commitments()
         n_bytes = 0
-        # the spec first: the other checks need it
-        self.events.sort(key=lambda ev: (ev["kind"] != "spec", ev["epoch"]))
+        # the client's keys first, then the spec: the other checks need them
+        first = {Kind.CLIENT_KEYS: 0, Kind.SPEC: 1}
+        self.events.sort(key=lambda ev: (first.get(ev["slot"].kind, 2), ev["epoch"]))
         for ev in self.events:
-            kind, slot, epoch = ev["kind"], ev["slot"], ev["epoch"]
-            name = f"epoch {epoch} {kind} {slot}"
-            if kind not in _ROLES:
-                self.fail(f"{name}: unknown kind of commitment")
+            slot = ev["slot"]
             if ev["cid"] == "":
                 continue
             try:
                 raw = bytes(job.store.get(ev["cid"]))
             except StoreError as exc:
-                self.fail(f"{name} ({ev['cid']}): {exc}")
+                self.fail(f"{slot} ({ev['cid']}): {exc}")
             n_bytes += len(raw)
-            if _ROLES[kind] is None:  # sealed to one participant: the envelope's digest is committed
+            if slot.kind in SEALED_TO_ONE:  # sealed to one participant: the envelope's digest is committed
                 if digest(raw) != ev["digest"].hex().removeprefix("0x"):
-                    self.fail(f"{name} ({ev['cid']}): envelope does not match its committed digest")
+                    self.fail(f"{slot} ({ev['cid']}): envelope does not match its committed digest")
                 continue
-            role, key, form = _ROLES[kind]
             try:  # opened from the bytes just checked: each artifact is fetched once
-                content = open_sealed(job.secrets[key], raw, job.job_id, role(_base_slot(slot)), ev["cid"],
-                                      ev["digest"].hex())
-                obj = json.loads(content) if form == "doc" else state_from_bytes(content)
-            except (StoreError, CryptoError, ArtifactError, ValueError) as exc:
-                self.fail(f"{name} ({ev['cid']}): {exc}")
-            self.opened[(epoch, kind, slot)] = obj
-            if kind == "spec":
+                key = job.keys.for_kind(slot.kind, slot.pipeline, slot.stage)
+                content = open_sealed(key, raw, job.job_id, role_of(slot.kind, slot.pipeline, slot.stage),
+                                      ev["cid"], ev["digest"].hex())
+                obj = json.loads(content) if slot.kind in DOCS else state_from_bytes(content)
+            except (StoreError, CryptoError, ArtifactError, ValueError, ProtocolError) as exc:
+                self.fail(f"{slot} ({ev['cid']}): {exc}")
+            self.opened[slot] = obj
+            if slot.kind == Kind.SPEC:
                 job.spec = spec_from_doc(obj)
         self.ok(f"store {self.ref.store_url}: {len(self.events)} commitments, every id present, "
                 f"{n_bytes:,} bytes match their ids and digests")
 
+    def _got(self, slot: Slot):
+        try:
+            return self.opened[slot]
+        except KeyError:
+            self.fail(f"nothing committed for {slot}")
+
     def check_plan(self) -> None:
         job = self.job
         spec = job.spec
-        x, _, _ = job.test_set()
+        if spec is None:
+            self.fail("the job's spec was never committed")
+        x, _, _ = job.eval_set()
         model = job.new_model()
         job.plan = make_plan(spec, model, x)
         job.n_stages = job.plan.n_stages
-        self.servers = [job.must(0, "pubkey", f"server/{p}").writer for p in range(spec.data_parallel)]
+        self.servers = [job.server_address(p) for p in range(spec.data_parallel)]
         self.trainers = {}
         for p in range(spec.data_parallel):
-            doc = self.opened[(0, "plan", str(p))]
+            doc = self._got(Slot(0, Kind.PLAN, p))
             if doc["plan"] != job.plan.to_dict():
                 self.fail(f"plan of pipeline {p} is not the plan the committed spec gives")
             for s, address in enumerate(doc["trainers"]):
+                if address != job.trainer_address(p, s):
+                    self.fail(f"plan of pipeline {p} names {address} for stage {s}; the market hired "
+                              f"{job.trainer_address(p, s)}")
                 self.trainers[(p, s)] = address
-        init = self.opened[(0, "init", "model")]
+        init = self._got(Slot(0, Kind.INIT))
         if set(init) != set(model.state_dict()):
             self.fail("the initial model does not fit the spec's model")
         self.ok(f"plan: {spec.data_parallel} pipelines x {job.n_stages} stages as the spec gives; "
-                f"{len(self.trainers)} trainers named")
-
-    def _state(self, epoch: int, kind: str, slot: str) -> dict:
-        try:
-            return self.opened[(epoch, kind, slot)]
-        except KeyError:
-            self.fail(f"epoch {epoch}: nothing committed for {kind} {slot}")
+                f"{len(self.trainers)} trainers named, each the one the market hired")
 
     def check_epochs(self) -> None:
         from tdml_core.protocol.steps import choose, score, stage_keys
@@ -174,24 +211,25 @@ class Auditor:
         if epochs != spec.epochs:
             self.fail(f"the ledger has {epochs} global models; the spec asks for {spec.epochs} epochs")
         keys = stage_keys(job)
-        previous = self._state(0, "init", "model")
+        previous = self._got(Slot(0, Kind.INIT))
+        self.derived: list[dict] = []
         for e in range(epochs):
             a = job.attempt(e)
             for s, ks in enumerate(keys):  # the trainers started from the previous global model
-                got = self._state(e, "stage", str(s))
+                got = self._got(Slot(e, Kind.STAGE, 0, s))
                 if set(got) != set(ks) or any(not torch.equal(got[k], previous[k]) for k in ks):
                     self.fail(f"epoch {e} stage {s}: the weights handed to trainers are not the previous global model's")
             scores, locals_ = [], []
             for p in range(spec.data_parallel):
                 state = {}
                 for s in range(job.n_stages):
-                    state.update(self._state(e, "weights", epoch_slot(f"{p}/{s}", a)))
-                    self._state(e, "grad", epoch_slot(f"{p}/{s}", a))
+                    state.update(self._got(Slot(e, Kind.WEIGHTS, p, s, a)))
+                    self._got(Slot(e, Kind.GRAD, p, s, a))
                 try:
                     acc, loss = score(job, state)
                 except RuntimeError as exc:
                     self.fail(f"epoch {e} pipeline {p}: the local model does not load ({exc})")
-                doc = self._state(e, "score", epoch_slot(str(p), a))
+                doc = self._got(Slot(e, Kind.SCORE, p, 0, a))
                 if doc["validator"] != self.servers[validator_of(p, spec.data_parallel)]:
                     self.fail(f"epoch {e} pipeline {p}: scored by {doc['validator']}, not its validator")
                 if abs(doc["accuracy"] - acc) > 1e-6 or not math.isclose(doc["loss"], loss, rel_tol=1e-4, abs_tol=1e-6):
@@ -199,16 +237,20 @@ class Auditor:
                               f"loss {doc['loss']:.6f}, re-evaluated accuracy {acc:.6f} loss {loss:.6f}")
                 scores.append(doc)
                 locals_.append(state)
-            verdicts = self._state(e, "verdicts", epoch_slot("all", a))
+            verdicts = self._got(Slot(e, Kind.VERDICTS, attempt=a))
             flagged = score_outliers([d["accuracy"] for d in scores], spec.protocol.score_tolerance)
             if verdicts["flagged"] != flagged:
                 self.fail(f"epoch {e}: committed flags {verdicts['flagged']}, the score stage gives {flagged}")
             chosen = choose(scores, flagged, spec.top_k)
             expect = average_states([locals_[p] for p in chosen])
-            got = self._state(e, "global", "model")
+            got = self._got(Slot(e, Kind.GLOBAL, attempt=a))
             if set(got) != set(expect) or any(not torch.allclose(got[k].double(), expect[k].double(), atol=1e-6, rtol=0)
                                               for k in expect):
                 self.fail(f"epoch {e}: the committed global model is not the average of local models {chosen}")
+            g_acc, g_loss = score(job, got)
+            self.derived.append({"epoch": e, "attempt": a, "scores": scores, "flagged": flagged, "chosen": chosen,
+                                 "verdicts": verdicts["verdicts"], "global_accuracy": g_acc, "global_loss": g_loss,
+                                 "global_model_cid": job.must(e, Kind.GLOBAL, attempt=a).cid})
             previous = got
             accs = ", ".join(f"{d['accuracy']:.4f}" for d in scores)
             self.ok(f"epoch {e}: {spec.data_parallel} local models load, scores reproduce ({accs}), "
@@ -217,29 +259,78 @@ class Auditor:
     def check_rewards(self) -> None:
         from tdml_core.protocol.steps import work_done
 
-        job, spec = self.job, self.job.spec
+        job, spec, task = self.job, self.job.spec, self.task
         if not job.ledger.finished or not job.market.task(job.job_id)["settled"]:
             self.fail("the job was not finished and settled")
-        units = work_done(job, self.servers, self.trainers)
+        done = work_done(job, self.servers, self.trainers)
         planned = planned_units(spec.epochs, spec.data_parallel, job.n_stages)
-        task = job.market.task(job.job_id)
-        budget, client = task["budget"], task["client"]
-        paid = {}
+        budget, client, bond = task["budget"], task["client"], task["bond"]
+        paid: dict[str, int] = {}
         last = job.chain.w3.eth.block_number
-        for lo in range(self.ref.ledger_block or 0, last + 1, LOG_CHUNK):
+        for lo in range(task["ledger_block"], last + 1, LOG_CHUNK):
             for ev in job.chain.logs(job.market.c, "Paid", lo, min(lo + LOG_CHUNK - 1, last)):
                 if ev["task_id"] == job.job_id:
                     paid[ev["who"]] = paid.get(ev["who"], 0) + ev["amount"]
-        for address, u in units.items():
-            if job.ledger.work(address) != u:
-                self.fail(f"{address} was credited {job.ledger.work(address)} units; its verified work is {u}")
-            if paid.get(address, 0) != payout(budget, u, planned):
-                self.fail(f"{address} was paid {paid.get(address, 0)} wei; the rule gives {payout(budget, u, planned)}")
-        refund = budget - sum(payout(budget, u, planned) for u in units.values())
-        if paid.get(client, 0) != refund:
-            self.fail(f"the client was refunded {paid.get(client, 0)} wei; the rule gives {refund}")
-        self.ok(f"rewards: {len(units)} participants paid budget x units / {planned} as the contract's rule gives; "
-                f"refund {refund} wei")
+        self.rewards = {}
+        for address, epochs in done.items():
+            if job.ledger.work(address) != len(epochs):
+                self.fail(f"{address} was credited {job.ledger.work(address)} units; its verified work is "
+                          f"{len(epochs)} (epochs {epochs})")
+            if any(not job.ledger.credited_for(address, e) for e in epochs):
+                self.fail(f"{address} was not credited for the epochs of its verified work {epochs}")
+            self.rewards[address] = payout(budget, len(epochs), planned)
+            if paid.get(address, 0) != self.rewards[address] + bond:
+                self.fail(f"{address} was paid {paid.get(address, 0)} wei; the rule gives "
+                          f"{self.rewards[address]} and its bond {bond}")
+        credited = sum(len(e) for e in done.values())
+        self.refund = budget - budget * credited // planned
+        if paid.get(client, 0) != self.refund:
+            self.fail(f"the client was refunded {paid.get(client, 0)} wei; the rule gives {self.refund}")
+        self.ok(f"rewards: {len(done)} participants paid budget x units / {planned} as the contract's rule gives; "
+                f"bonds returned; refund {self.refund} wei")
+
+    def check_summary(self) -> None:
+        """summary.json's figures, each re-derived from the ledger and the store."""
+        path = self.out / "summary.json"
+        if not path.is_file():
+            self.fail(f"{path} is missing")
+        try:
+            data = json.loads(path.read_text())
+        except ValueError:
+            self.fail(f"{path} is not JSON")
+
+        def same(what: str, have, want, close: bool = False) -> None:
+            equal = math.isclose(have, want, abs_tol=1e-6) if close and isinstance(have, (int, float)) \
+                and isinstance(want, (int, float)) else have == want
+            if not equal:
+                self.fail(f"summary.json {what} is {have!r}; the ledger and store give {want!r}")
+
+        same("job_id", data.get("job_id"), self.job.job_id)
+        same("status", data.get("status"), "finished")
+        same("chain.ledger", (data.get("chain") or {}).get("ledger"), self.job.ledger.address)
+        epochs = data.get("epochs") or []
+        same("epoch count", len(epochs), len(self.derived))
+        for rec, d in zip(epochs, self.derived):
+            e = d["epoch"]
+            same(f"epoch {e} global_accuracy", rec.get("global_accuracy"), d["global_accuracy"], close=True)
+            same(f"epoch {e} global_loss", rec.get("global_loss"), d["global_loss"], close=True)
+            same(f"epoch {e} global_model_cid", rec.get("global_model_cid"), d["global_model_cid"])
+            same(f"epoch {e} attempt", rec.get("attempt"), d["attempt"])
+            same(f"epoch {e} verdicts", rec.get("verdicts"), d["verdicts"])
+            local = rec.get("local") or []
+            same(f"epoch {e} local model count", len(local), len(d["scores"]))
+            for lc, sc in zip(local, d["scores"]):
+                p = sc["pipeline"]
+                same(f"epoch {e} pipeline {p} accuracy", lc.get("accuracy"), sc["accuracy"], close=True)
+                same(f"epoch {e} pipeline {p} flagged", lc.get("flagged"), d["flagged"][p])
+                same(f"epoch {e} pipeline {p} selected", lc.get("selected"), p in d["chosen"])
+        if self.derived:
+            same("final_accuracy", data.get("final_accuracy"), self.derived[-1]["global_accuracy"], close=True)
+        same("rewards", data.get("rewards"), self.rewards)
+        same("refund_wei", data.get("refund_wei"), self.refund)
+        evicted = [f"{p}/{s}" for (p, s), t in sorted(self.trainers.items()) if self.job.ledger.evicted(t)]
+        same("evicted", data.get("evicted"), evicted)
+        self.ok(f"summary.json: accuracies, verdicts, rewards and refund of {len(epochs)} epochs re-derived")
 
 
 def audit(out_dir: str | Path, key_file: str | Path | None = None, passphrase: str | None = None,

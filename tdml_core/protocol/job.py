@@ -24,10 +24,11 @@ from pydantic import BaseModel
 
 from tdml_core.artifacts import get_doc, get_state, put_doc, put_state
 from tdml_core.chain import Chain
-from tdml_core.chain.market import Commitment, LedgerClient, MarketClient
+from tdml_core.chain.market import Commitment, Kind, LedgerClient, MarketClient, Slot
 from tdml_core.config import GENERATE, JobSpec, parse_spec
 from tdml_core.crypto import CryptoError
 from tdml_core.identity import Identity, open_secrets
+from tdml_core.protocol.keys import JobKeys, role_of
 
 GAS_FUNDS_WEI = 5 * 10**17  # what a generated participant is given for gas on a development chain
 
@@ -42,6 +43,8 @@ class JobRef(BaseModel):
     store: str
     chain_id: int | None = None
     market: str | None = None
+    deploy_nonce: int | None = None  # the client's nonce when it deployed the market (found again after a crash)
+    salt: str | None = None  # hex; the task is published under it, so a crashed client finds its task again
     job_id: int | None = None
     ledger: str | None = None
     ledger_block: int | None = None  # where the ledger's events start
@@ -71,11 +74,6 @@ class JobRef(BaseModel):
         if self.store.startswith("local:") and not Path(self.store[6:]).is_absolute():
             return f"local:{Path(self.out_dir) / self.store[6:]}"
         return self.store
-
-
-def epoch_slot(slot: str, attempt: int) -> str:
-    """An epoch tried again after a crash writes its commitments under fresh slots: '0/1~1'."""
-    return slot if attempt == 0 else f"{slot}~{attempt}"
 
 
 @dataclass
@@ -179,12 +177,14 @@ class Job:
         self.store = open_store(ref.store_url)
         self.market = MarketClient(self.chain, ref.market) if ref.market else None
         self.ledger = LedgerClient(self.chain, ref.ledger) if ref.ledger else None
-        self._secrets: dict | None = None
-        self._test: tuple | None = None
+        self._keys: JobKeys | None = None
+        self._eval: tuple | None = None
         self._stage_keys: list[list[str]] | None = None
         self.plan = None  # the stage plan the servers made (steps.prepare)
         self.model = None  # the client's model with its seeded initial weights
         self.client_data = None  # the client's dataset, before it is sharded and sealed
+        self.restarted: dict[int, list[str]] = {}  # pipeline -> slots whose processes were started again
+        self.failures: dict[int, list[str]] = {}  # pipeline -> what stopped its trainers' processes
 
     # -- identity of the job ----------------------------------------------------
     @property
@@ -201,84 +201,92 @@ class Job:
         self.ref.save()
 
     # -- ledger helpers ------------------------------------------------------------
-    def commitment(self, epoch: int, kind: str, slot: str) -> Commitment | None:
-        return self.ledger.commitment(epoch, kind, slot)
+    def commitment(self, epoch: int, kind: Kind, pipeline: int = 0, stage: int = 0,
+                   attempt: int = 0) -> Commitment | None:
+        return self.ledger.commitment(Slot(epoch, kind, pipeline, stage, attempt))
 
-    def must(self, epoch: int, kind: str, slot: str) -> Commitment:
-        c = self.ledger.commitment(epoch, kind, slot)
+    def must(self, epoch: int, kind: Kind, pipeline: int = 0, stage: int = 0, attempt: int = 0) -> Commitment:
+        slot = Slot(epoch, kind, pipeline, stage, attempt)
+        c = self.ledger.commitment(slot)
         if c is None:
-            raise ProtocolError(f"nothing committed for epoch {epoch} {kind} {slot}")
+            raise ProtocolError(f"nothing committed for {slot}")
         return c
 
-    def commit_once(self, who: Identity, epoch: int, kind: str, slot: str, cid: str, digest: str) -> Commitment:
+    def commit_once(self, who: Identity, slot: Slot, cid: str, digest: str) -> Commitment:
         """Commit unless the same digest is already there (a retried step); refuse a different one."""
-        have = self.ledger.commitment(epoch, kind, slot)
+        have = self.ledger.commitment(slot)
         if have is not None:
             if have.digest.removeprefix("0x") != digest.removeprefix("0x"):
-                raise ProtocolError(f"epoch {epoch} {kind} {slot} is already committed with another digest")
+                raise ProtocolError(f"{slot} is already committed with another digest")
             return have
-        self.ledger.commit(who.account, epoch, kind, slot, cid, digest)
+        self.ledger.commit(who.account, slot, cid, digest)
         return Commitment(cid, digest, who.address)
 
-    # -- secrets -----------------------------------------------------------------------
-    def public_key(self, slot: str) -> bytes:
-        """A participant's X25519 key, as it committed it (the digest field holds the 32 bytes)."""
-        return bytes.fromhex(self.must(0, "pubkey", slot).digest.removeprefix("0x"))
+    def attempt(self, epoch: int) -> int:
+        """The latest attempt at ``epoch`` that was started (-1 if none)."""
+        return self.ledger.attempts(epoch) - 1
+
+    # -- keys -----------------------------------------------------------------------
+    def public_key(self, address: str) -> bytes:
+        """A participant's X25519 key, as it published it on the market."""
+        key = self.market.pubkey(self.job_id, address)
+        if key == bytes(32):
+            raise ProtocolError(f"{address} published no key for job {self.job_id}")
+        return key
 
     @property
-    def secrets(self) -> dict[str, bytes]:
-        """The data and model keys, opened from what the client sealed to server 0.
+    def keys(self) -> JobKeys:
+        """The job's keys as the client holds them: opened from what it sealed to itself."""
+        if self._keys is None:
+            client = self.people.client
+            env = bytes(self.store.get(self.must(0, Kind.CLIENT_KEYS).cid))
+            doc = open_secrets(client, client.public_key, self.job_id, "client-keys", env)
+            self._keys = JobKeys.from_doc(doc)
+        return self._keys
 
-        Server 0 opens them with its key; an auditor holding only the client's key
-        can open the same envelope from the other side of the exchange.
-        """
-        if self._secrets is None:
-            env = bytes(self.store.get(self.must(0, "secrets", "server/0").cid))
-            if self.people.servers:
-                doc = open_secrets(self.people.servers[0], self.public_key("client"), self.job_id, "job-secrets", env)
-            else:
-                doc = open_secrets(self.people.client, self.public_key("server/0"), self.job_id, "job-secrets", env)
-            self._secrets = {k: bytes.fromhex(v) for k, v in doc.items()}
-        return self._secrets
+    def set_keys(self, keys: JobKeys) -> None:
+        self._keys = keys
 
-    def set_secrets(self, secrets: dict[str, bytes]) -> None:
-        self._secrets = dict(secrets)
+    def put_state(self, kind: Kind, state: dict, pipeline: int = 0, stage: int = 0) -> tuple[str, str]:
+        return put_state(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
+                         role_of(kind, pipeline, stage), state)
 
-    def put_state(self, role: str, state: dict, key: str = "model_key") -> tuple[str, str]:
-        return put_state(self.store, self.secrets[key], self.job_id, role, state)
+    def get_state(self, c: Commitment, kind: Kind, pipeline: int = 0, stage: int = 0) -> dict:
+        return get_state(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
+                         role_of(kind, pipeline, stage), c.cid, c.digest)
 
-    def get_state(self, role: str, c: Commitment, key: str = "model_key") -> dict:
-        return get_state(self.store, self.secrets[key], self.job_id, role, c.cid, c.digest)
+    def put_doc(self, kind: Kind, doc: dict, pipeline: int = 0, stage: int = 0) -> tuple[str, str]:
+        return put_doc(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
+                       role_of(kind, pipeline, stage), doc)
 
-    def put_doc(self, role: str, doc: dict, key: str = "model_key") -> tuple[str, str]:
-        return put_doc(self.store, self.secrets[key], self.job_id, role, doc)
-
-    def get_doc(self, role: str, c: Commitment, key: str = "model_key") -> dict:
-        return get_doc(self.store, self.secrets[key], self.job_id, role, c.cid, c.digest)
+    def get_doc(self, c: Commitment, kind: Kind, pipeline: int = 0, stage: int = 0) -> dict:
+        return get_doc(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
+                       role_of(kind, pipeline, stage), c.cid, c.digest)
 
     # -- what validators and aggregators need -----------------------------------------
-    def test_set(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        if self._test is None:
-            doc = self.get_state("test", self.must(0, "test", "set"), key="data_key")
-            self._test = (doc["x"], doc["y"], int(doc["num_classes"]))
-        return self._test
+    def eval_set(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The set local models are scored on (servers and the client hold its key, trainers do not)."""
+        if self._eval is None:
+            doc = self.get_state(self.must(0, Kind.EVAL), Kind.EVAL)
+            self._eval = (doc["x"], doc["y"], int(doc["num_classes"]))
+        return self._eval
 
     def new_model(self) -> torch.nn.Module:
         from tdml_core.runtime.context import model_for
 
-        x, _, num_classes = self.test_set()
+        x, _, num_classes = self.eval_set()
         return model_for(self.spec, num_classes, x)
 
-    def attempt(self, epoch: int) -> int:
-        """The latest attempt at ``epoch`` that was started (-1 if none)."""
-        a = -1
-        while self.commitment(epoch, "attempt", str(a + 1)) is not None:
-            a += 1
-        return a
+    # who holds which slot, as the market recorded it
+    def server_address(self, pipeline: int) -> str:
+        return self.market.server_at(self.job_id, pipeline)
+
+    def trainer_address(self, pipeline: int, stage: int) -> str:
+        return self.market.holder(self.job_id, pipeline, stage)
 
 
 def spec_from_doc(doc: dict) -> JobSpec:
     return parse_spec(doc, "committed spec")
 
 
-__all__ = ["CryptoError", "Job", "JobRef", "Participants", "ProtocolError", "epoch_slot", "load_participants"]
+__all__ = ["CryptoError", "Job", "JobRef", "Kind", "Participants", "ProtocolError", "Slot", "load_participants"]

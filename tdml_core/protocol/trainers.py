@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 
+from tdml_core.chain.market import Kind
 from tdml_core.protocol.job import Job
 from tdml_core.runtime.cluster import PipelineCluster
 from tdml_core.runtime.stage import TrainerSource
@@ -18,8 +19,10 @@ _LOCK = threading.Lock()
 
 
 def trainer_sources(job: Job, pipeline: int) -> dict:
-    data = job.must(0, "data", str(pipeline))
-    server_public = job.public_key(f"server/{pipeline}").hex()
+    """What each trainer of ``pipeline`` is told: its key file and the ids of what was sealed to it."""
+    data = job.must(0, Kind.DATA, pipeline)
+    client_public = job.public_key(job.people.client.address).hex()
+    server_public = job.public_key(job.server_address(pipeline)).hex()
     out = {}
     for s in range(job.n_stages):
         trainer = job.people.trainers[(pipeline, s)]
@@ -28,12 +31,20 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
             job_id=job.job_id,
             key_file=str(job.people.key_files[trainer.address]),
             passphrase=job.people.passphrase,
+            client_public=client_public,
             server_public=server_public,
-            secrets_cid=job.must(0, "secrets", f"trainer/{pipeline}/{s}").cid,
+            data_key_cid=job.must(0, Kind.DATA_KEY, pipeline, s).cid,
+            trainer_keys_cid=job.must(0, Kind.TRAINER_KEYS, pipeline, s).cid,
             data_cid=data.cid,
             data_digest=data.digest,
         )
     return out
+
+
+def has_trainers(job: Job, pipeline: int) -> bool:
+    """Whether ``pipeline``'s stage processes were up (so that a failure means they start again)."""
+    with _LOCK:
+        return (job.ref.out_dir, pipeline) in _CLUSTERS
 
 
 def trainer_cluster(job: Job, pipeline: int) -> PipelineCluster:

@@ -40,8 +40,10 @@ class TrainerSource:
     job_id: int
     key_file: str
     passphrase: str | None
-    server_public: str  # hex X25519 key of the trainer's parameter server
-    secrets_cid: str
+    client_public: str  # hex X25519 key of the client (it seals the pipeline's data key)
+    server_public: str  # hex X25519 key of the trainer's parameter server (it seals the stage keys)
+    data_key_cid: str
+    trainer_keys_cid: str
     data_cid: str
     data_digest: str
 
@@ -56,37 +58,44 @@ class StageArgs:
     source: TrainerSource | None = None
 
 
-def trainer_role(kind: str, pipeline: int, stage: int) -> str:
-    """The associated-data role of a trainer's artifact: 'weights/0/1', 'grad/0/1'."""
-    return f"{kind}/{pipeline}/{stage}"
-
-
 class _Trainer:
-    """A trainer's keys and store, opened inside its stage process."""
+    """A trainer's keys and store, opened inside its stage process.
 
-    def __init__(self, src: TrainerSource, pipeline: int):
+    It holds its own key and what was sealed to it: its pipeline's data key and
+    its own stage's keys, nothing of other stages or pipelines, nor the eval set's.
+    """
+
+    def __init__(self, src: TrainerSource, pipeline: int, stage: int):
+        from tdml_core.chain.market import Kind
         from tdml_core.identity import Identity, open_secrets
+        from tdml_core.protocol.keys import JobKeys, role_of
         from tdml_core.storage import open_store
 
-        self.src, self.pipeline = src, pipeline
+        self.src, self.pipeline, self.stage = src, pipeline, stage
         self.store = open_store(src.store_url)
         me = Identity.load(src.key_file, src.passphrase)
-        secrets = open_secrets(
-            me, bytes.fromhex(src.server_public), src.job_id, "trainer-secrets", bytes(self.store.get(src.secrets_cid))
-        )
-        self.data_key = bytes.fromhex(secrets["data_key"])
-        self.model_key = bytes.fromhex(secrets["model_key"])
+        held = {}
+        for sender, cid, role in ((src.client_public, src.data_key_cid, "data-key"),
+                                  (src.server_public, src.trainer_keys_cid, "trainer-keys")):
+            held.update(open_secrets(me, bytes.fromhex(sender), src.job_id, role, bytes(self.store.get(cid))))
+        self.keys = JobKeys.from_doc(held)
+        self.kinds, self.role_of = Kind, role_of
+
+    def _seal_args(self, kind, pipeline: int, stage: int) -> tuple[bytes, str]:
+        return self.keys.for_kind(kind, pipeline, stage), self.role_of(kind, pipeline, stage)
 
     def shard(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        doc = get_state(self.store, self.data_key, self.src.job_id, f"data/{self.pipeline}",
-                        self.src.data_cid, self.src.data_digest)
+        key, role = self._seal_args(self.kinds.DATA, self.pipeline, 0)
+        doc = get_state(self.store, key, self.src.job_id, role, self.src.data_cid, self.src.data_digest)
         return doc["x"], doc["y"], int(doc["num_classes"])
 
-    def get(self, role: str, ref: dict) -> dict:
-        return get_state(self.store, self.model_key, self.src.job_id, role, ref["cid"], ref["digest"])
+    def stage_input(self, ref: dict) -> dict:
+        key, role = self._seal_args(self.kinds.STAGE, 0, self.stage)
+        return get_state(self.store, key, self.src.job_id, role, ref["cid"], ref["digest"])
 
-    def put(self, role: str, state: dict) -> dict:
-        cid, dig = put_state(self.store, self.model_key, self.src.job_id, role, state)
+    def put(self, kind_name: str, state: dict) -> dict:
+        key, role = self._seal_args(self.kinds[kind_name.upper()], self.pipeline, self.stage)
+        cid, dig = put_state(self.store, key, self.src.job_id, role, state)
         return {"cid": cid, "digest": dig}
 
 
@@ -141,7 +150,7 @@ class StageProcess:
         self.is_first = args.stage == 0
         self.is_last = args.stage == plan.n_stages - 1
         self.device = stage_device(args.pipeline, args.stage, plan.n_stages)
-        self.trainer = _Trainer(args.source, args.pipeline) if args.source else None
+        self.trainer = _Trainer(args.source, args.pipeline, args.stage) if args.source else None
         if self.trainer:  # the shard comes from the store; the model's shape from the spec
             self.x, self.y, num_classes = self.trainer.shard()
             example = self.x[: spec.microbatch_size].clone()
@@ -181,7 +190,7 @@ class StageProcess:
         """
         spec, a = self.args.spec, self.args
         if self.trainer:
-            start = self.trainer.get(f"stage/{a.stage}", start)
+            start = self.trainer.stage_input(start)
         self.module.load_state_dict(start)
         self.module.train()
         loss_sum, n = 0.0, 0
@@ -203,9 +212,8 @@ class StageProcess:
         stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
         if not self.trainer:
             return state, stats
-        stats["weights"] = self.trainer.put(trainer_role("weights", a.pipeline, a.stage), state)
-        stats["grad"] = self.trainer.put(trainer_role("grad", a.pipeline, a.stage),
-                                         {k: v.cpu() for k, v in grad_sum.items()})
+        stats["weights"] = self.trainer.put("weights", state)
+        stats["grad"] = self.trainer.put("grad", {k: v.cpu() for k, v in grad_sum.items()})
         return None, stats
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
