@@ -105,6 +105,20 @@ def _kill_hook(epoch: int) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _stage_kill_hook(job: Job, epoch: int) -> None:
+    """Test hook: ``TDML_TEST_KILL_STAGE=P/S@E`` kills trainer (P, S)'s stage process as epoch E starts."""
+    want = os.environ.get("TDML_TEST_KILL_STAGE")
+    if not want:
+        return
+    from tdml_core.protocol.trainers import stage_pid
+
+    slot, _, at = want.partition("@")
+    p, s = (int(v) for v in slot.split("/"))
+    pid = stage_pid(job, p, s) if epoch == int(at) else None
+    if pid is not None:
+        os.kill(pid, signal.SIGKILL)  # the coordinator notices the death when the epoch starts
+
+
 def _install_tx_kill_hook() -> None:
     """Test hook: ``TDML_TEST_KILL_AFTER_TX=settle`` kills the run right after its first ``settle`` transaction
     (``credit:2``: after the second ``credit``)."""
@@ -147,6 +161,7 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
             times = {}
             t = time.perf_counter()
             attempt = start_epoch(job, epoch)
+            _stage_kill_hook(job, epoch)
             times["start epoch"], t = time.perf_counter() - t, time.perf_counter()
             trained = [f.result() for f in [
                 dispatch.submit(spec_doc, job.ref.out_dir, p, epoch, attempt, spec.protocol.pipeline_pool)

@@ -34,11 +34,15 @@ def tdml(*args, env_extra=None, **kw) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """One real ``tdml run``: 3 epochs, 2 pipelines x 2 stages, embedded chain, local store."""
+    """One real ``tdml run``: 3 epochs, 2 pipelines x 2 stages, embedded chain, local store.
+
+    Trainer 0/1's stage process is killed as epoch 1 starts: its pipeline's trainers are started again.
+    """
     tmp = tmp_path_factory.mktemp("run")
     out = tmp / "run"
-    done = tdml("run", _spec(tmp, epochs=3), "--out", out)
+    done = tdml("run", _spec(tmp, epochs=3), "--out", out, env_extra={"TDML_TEST_KILL_STAGE": "0/1@1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    (out / "stdout.txt").write_text(done.stdout)
     return out
 
 
@@ -67,8 +71,12 @@ def test_a_run_pays_every_honest_participant_and_passes_its_audit(finished_run):
     # 2 servers + 4 trainers, each credited one unit per epoch of 18 planned
     assert len(data["rewards"]) == 6
     assert set(data["rewards"].values()) == {BUDGET * 3 // 18}
-    assert data["refund_wei"] == BUDGET - 6 * (BUDGET * 3 // 18)
+    assert data["refund_wei"] == BUDGET - BUDGET * 18 // 18 == 0
     assert (finished_run / "accuracy.png").stat().st_size > 0
+    # the killed trainer, and its pipeline's other trainer, were started afresh in epoch 1, and the run says so
+    assert [e["restarted"] for e in data["epochs"]] == [[], ["0/0", "0/1"], []]
+    assert "killed by SIGKILL" in data["epochs"][1]["failures"][0]
+    assert "restarted trainers 0/0 0/1" in (finished_run / "stdout.txt").read_text()
 
     checked = tdml("audit", finished_run)
     assert checked.returncode == 0, checked.stdout[-3000:]
@@ -87,13 +95,13 @@ def _copy(run: Path, tmp_path: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("kind", ["weights", "grad", "score", "verdicts", "global", "stage", "data", "test"])
+@pytest.mark.parametrize("kind", ["weights", "grad", "score", "verdicts", "global", "stage", "data", "eval"])
 def test_one_flipped_byte_in_the_store_fails_the_audit(finished_run, tmp_path, kind):
     from tdml_core.protocol.audit import Auditor
     from tdml_core.storage.store import LocalStore
 
     run = _copy(finished_run, tmp_path)
-    events = [ev for ev in Auditor(run, say=lambda _: None).commitments() if ev["kind"] == kind]
+    events = [ev for ev in Auditor(run, say=lambda _: None).commitments() if ev["slot"].kind.label == kind]
     target = events[len(events) // 2]
     blob = LocalStore(run / "store")._path(target["cid"])
     raw = bytearray(blob.read_bytes())
@@ -102,7 +110,7 @@ def test_one_flipped_byte_in_the_store_fails_the_audit(finished_run, tmp_path, k
 
     with pytest.raises(AuditFailure) as failure:
         _quiet_audit(run)
-    assert f"{kind} {target['slot']}" in str(failure.value) and target["cid"] in str(failure.value)
+    assert str(target["slot"]) in str(failure.value) and target["cid"] in str(failure.value)
 
     cli = tdml("audit", run)
     assert cli.returncode == 1 and "FAIL" in cli.stdout and target["cid"] in cli.stdout
@@ -116,6 +124,7 @@ def test_a_changed_committed_score_fails_the_audit(finished_run, tmp_path):
     from web3 import Web3
 
     from tdml_core.chain.compile import compile_contract
+    from tdml_core.chain.market import Kind
     from tdml_core.identity import Identity
     from tdml_core.protocol.audit import Auditor
 
@@ -131,18 +140,18 @@ def test_a_changed_committed_score_fails_the_audit(finished_run, tmp_path):
         if len(tx.get("to") or b"") != 20 or Web3.to_checksum_address(tx["to"]) != job.ledger.address:
             continue
         fn, args = ledger.decode_function_input(tx["data"])
-        if fn.fn_name == "commit" and args["kind"] == "score" and args["epoch"] == 1 and args["slot"] == "0":
+        if fn.fn_name == "commit" and args["kind"] == Kind.SCORE and args["epoch"] == 1 and args["pipeline"] == 0:
             break
     else:
         pytest.fail("no score commitment found in the journal")
-    doc = job.get_doc("score/0", job.must(1, "score", "0"))
+    doc = job.get_doc(job.must(1, Kind.SCORE, 0, 0, args["attempt"]), Kind.SCORE, 0)
     doc["accuracy"] = round(doc["accuracy"] - 0.25, 6)
-    cid, dig = job.put_doc("score/0", doc)
+    cid, dig = job.put_doc(Kind.SCORE, doc, 0)
     validator = keys[Account.recover_transaction(bytes.fromhex(entry["raw"]))]
     tx = {k: v for k, v in tx.items() if k not in ("v", "r", "s", "type")}
-    tx["data"] = ledger.encode_abi("commit", [1, "score", "0", cid, bytes.fromhex(dig)])
+    tx["data"] = ledger.encode_abi("commit", [1, Kind.SCORE, 0, 0, args["attempt"], cid, bytes.fromhex(dig)])
     signed = validator.account.sign_transaction(tx)
-    lines[n] = json.dumps({"hash": signed.hash.hex(), "status": 1, "raw": bytes(signed.raw_transaction).hex()})
+    lines[n] = json.dumps({**entry, "hash": signed.hash.hex(), "status": 1, "raw": bytes(signed.raw_transaction).hex()})
     journal.write_text("\n".join(lines) + "\n")
 
     with pytest.raises(AuditFailure, match=r"epoch 1 pipeline 0: committed score accuracy"):
@@ -195,3 +204,176 @@ def test_a_run_on_a_real_node_and_s3_passes_its_audit(tmp_path, anvil_url, s3_en
     assert not (out / "chain.jsonl").exists()  # the node keeps the chain; nothing to journal
     checked = tdml("audit", out)
     assert checked.returncode == 0, checked.stdout[-3000:]
+
+
+# -- the ledger's owners, the audit's reach, least-privilege keys ---------------------------------------------------
+def _journal_call(run: Path, fn_name: str, match) -> tuple[list[str], int, dict, dict]:
+    """(journal lines, index, decoded tx, decoded args) of the first ledger call ``fn_name`` whose args match."""
+    from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
+    from web3 import Web3
+
+    from tdml_core.chain.compile import compile_contract
+
+    ledger_address = JobRef.load(run).ledger
+    ledger = Web3().eth.contract(abi=compile_contract("Ledger").abi)
+    lines = (run / "chain.jsonl").read_text().splitlines()
+    for n, line in enumerate(lines):
+        entry = json.loads(line)
+        tx = TypedTransaction.from_bytes(HexBytes(entry["raw"])).as_dict()
+        if len(tx.get("to") or b"") != 20 or Web3.to_checksum_address(tx["to"]) != ledger_address:
+            continue
+        fn, args = ledger.decode_function_input(tx["data"])
+        if fn.fn_name == fn_name and match(args):
+            return lines, n, tx, args
+    pytest.fail(f"no {fn_name} call found in the journal")
+
+
+def test_a_commitment_signed_by_another_trainer_fails_the_audit(finished_run, tmp_path):
+    """Trainer 1/0 signs trainer 0/1's weights commitment: the ledger refuses it, so the run's record breaks."""
+    from tdml_core.chain.market import Kind
+    from tdml_core.identity import Identity
+
+    run = _copy(finished_run, tmp_path)
+    lines, n, tx, _ = _journal_call(run, "commit", lambda a: a["kind"] == Kind.WEIGHTS and a["pipeline"] == 0
+                                    and a["stage"] == 1 and a["epoch"] == 2)
+    from eth_account import Account
+
+    other = Identity.load(run / "keys" / "trainer-1-0.json")
+    nonce = sum(Account.recover_transaction(bytes.fromhex(json.loads(line)["raw"])) == other.address
+                for line in lines[:n])
+    tx = {k: v for k, v in tx.items() if k not in ("v", "r", "s", "type")}
+    signed = other.account.sign_transaction({**tx, "nonce": nonce})
+    lines[n] = json.dumps({**json.loads(lines[n]), "hash": signed.hash.hex(), "raw": bytes(signed.raw_transaction).hex()})
+    (run / "chain.jsonl").write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(AuditFailure, match="re-executes differently"):
+        _quiet_audit(run)
+
+
+@pytest.fixture(scope="module")
+def audited_copy(finished_run, tmp_path_factory):
+    """An auditor that has re-derived everything of a copy of the run, and the run's own summary.json."""
+    from tdml_core.protocol.audit import Auditor
+
+    run = _copy(finished_run, tmp_path_factory.mktemp("audited"))
+    auditor = Auditor(run, say=lambda _: None)
+    auditor.run()
+    return auditor, (run / "summary.json").read_text()
+
+
+@pytest.mark.parametrize("field,edit", [
+    ("final_accuracy", lambda d: d.update(final_accuracy=0.999)),
+    ("epoch 1 global_accuracy", lambda d: d["epochs"][1].update(global_accuracy=0.5)),
+    ("epoch 0 pipeline 1 accuracy", lambda d: d["epochs"][0]["local"][1].update(accuracy=0.99)),
+    ("epoch 2 verdicts", lambda d: d["epochs"][2]["verdicts"][0].update(malicious=True)),
+    ("rewards", lambda d: d["rewards"].update({next(iter(d["rewards"])): 1})),
+    ("refund_wei", lambda d: d.update(refund_wei=5)),
+])
+def test_a_rewritten_summary_fails_the_audit(audited_copy, field, edit):
+    auditor, honest = audited_copy
+    data = json.loads(honest)
+    edit(data)
+    (auditor.out / "summary.json").write_text(json.dumps(data))
+
+    with pytest.raises(AuditFailure, match=f"summary.json {field} is"):
+        auditor.check_summary()
+
+
+def test_each_trainer_opens_only_its_own_shard_and_stage(finished_run):
+    """Trainer 0/1 holds its pipeline's data key and its own stage's keys: nothing of others, nor the eval set."""
+    from tdml_core.artifacts import get_state
+    from tdml_core.chain.market import Kind
+    from tdml_core.crypto import CryptoError
+    from tdml_core.identity import Identity, open_secrets
+    from tdml_core.protocol.keys import JobKeys, role_of
+
+    auditor = __import__("tdml_core.protocol.audit", fromlist=["Auditor"]).Auditor(finished_run, say=lambda _: None)
+    job = auditor.job
+    me = Identity.load(finished_run / "keys" / "trainer-0-1.json")
+    client_pub, server_pub = job.public_key(job.people.client.address), job.public_key(job.server_address(0))
+    held = {}
+    held.update(open_secrets(me, client_pub, job.job_id, "data-key", bytes(job.store.get(job.must(0, Kind.DATA_KEY, 0, 1).cid))))
+    held.update(open_secrets(me, server_pub, job.job_id, "trainer-keys",
+                             bytes(job.store.get(job.must(0, Kind.TRAINER_KEYS, 0, 1).cid))))
+    assert sorted(held) == ["data/0", "spec", "stage/1", "weights/0/1"]
+    keys = JobKeys.from_doc(held)
+
+    def opens(kind, p=0, s=0, epoch=0, attempt=0) -> bool:
+        c = job.must(epoch, kind, p, s, attempt)
+        try:
+            get_state(job.store, keys.for_kind(kind, p, s), job.job_id, role_of(kind, p, s), c.cid, c.digest)
+            return True
+        except CryptoError:
+            return False
+
+    assert opens(Kind.DATA, 0) and opens(Kind.STAGE, 0, 1, epoch=1) and opens(Kind.WEIGHTS, 0, 1, epoch=1)
+    assert not opens(Kind.DATA, 1)  # the other pipeline's shard
+    assert not opens(Kind.EVAL)  # the set its model is scored on
+    assert not opens(Kind.STAGE, 0, 0, epoch=1)  # the other stage's input
+    assert not opens(Kind.WEIGHTS, 0, 0, epoch=1) and not opens(Kind.WEIGHTS, 1, 1, epoch=1)  # others' weights
+    assert not opens(Kind.GLOBAL, epoch=1)  # the whole global model
+    with pytest.raises(CryptoError):  # the servers' envelope is not sealed to it
+        open_secrets(me, client_pub, job.job_id, "server-keys", bytes(job.store.get(job.must(0, Kind.SERVER_KEYS, 0).cid)))
+
+
+def _broken_copy(finished_run, tmp_path, how: str) -> Path:
+    run = _copy(finished_run, tmp_path)
+    ref = json.loads((run / "job.json").read_text())
+    if how == "no journal":
+        (run / "chain.jsonl").unlink()
+    elif how == "another run's journal":
+        from tdml_core.chain import Chain
+
+        other = Chain("embedded", journal=tmp_path / "other.jsonl")
+        other.fund("0x000000000000000000000000000000000000dEaD", 1)
+        shutil.copy(tmp_path / "other.jsonl", run / "chain.jsonl")
+    elif how == "damaged market address":
+        ref["market"] = ref["market"][:-4] + "zzzz"
+    elif how == "moved ledger_block":
+        ref["ledger_block"] += 3
+    (run / "job.json").write_text(json.dumps(ref))
+    return run
+
+
+@pytest.mark.parametrize("how,says", [
+    ("no journal", "chain.jsonl is missing"),
+    ("another run's journal", "no market contract at"),
+    ("damaged market address", "cannot open the job's contracts"),
+    ("moved ledger_block", "job.json says the ledger opened at block"),
+])
+def test_a_damaged_run_folder_fails_the_audit_in_one_line(finished_run, tmp_path, how, says):
+    run = _broken_copy(finished_run, tmp_path, how)
+    cli = tdml("audit", run)
+    out = cli.stdout + cli.stderr
+    assert cli.returncode == 1 and says in out, out[-2000:]
+    assert "Traceback" not in out and len(out.strip().splitlines()) <= 3
+
+
+# -- money survives crashes -------------------------------------------------------------------------------------------
+def test_a_run_killed_after_each_money_moving_transaction_resumes_to_one_correct_settlement(tmp_path):
+    """Killed right after publishTask, openLedger, the first credit and settle, and resumed each time."""
+    from tdml_core.chain import Chain
+    from tdml_core.chain.market import MarketClient
+
+    spec, out = _spec(tmp_path, epochs=1), tmp_path / "run"
+    first = True
+    for tx in ["publishTask", "openLedger", "credit", "settle"]:
+        args = ["run", spec, "--out", out] + ([] if first else ["--resume"])
+        killed = tdml(*args, env_extra={"TDML_TEST_KILL_AFTER_TX": tx}, start_new_session=True)
+        assert killed.returncode == -signal.SIGKILL, f"{tx}: {killed.stderr[-2000:]}"
+        first = False
+    resumed = tdml("run", spec, "--out", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    data = json.loads((out / "summary.json").read_text())
+    assert data["status"] == "finished" and data["resumed_from"] == 1 and [e["epoch"] for e in data["epochs"]] == [0]
+    assert set(data["rewards"].values()) == {BUDGET // 6}
+    ref = JobRef.load(out)
+    chain = Chain("embedded", journal=out / "chain.jsonl")
+    market = MarketClient(chain, ref.market)
+    assert market.c.functions.task_count().call() == 1  # published once
+    task = market.task(ref.job_id)
+    assert task["settled"] and task["ledger"] == ref.ledger
+    assert market.escrowed == BUDGET - 6 * (BUDGET // 6)  # only the rounding dust is left
+    _quiet_audit(out)

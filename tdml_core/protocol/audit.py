@@ -42,9 +42,7 @@ class AuditFailure(RuntimeError):
     """What the ledger, the store and a re-computation disagree on."""
 
 
-def _opening_error(out: Path, ref: JobRef, exc: Exception) -> AuditFailure:
-    if ref.chain == "embedded" and not (out / "chain.jsonl").exists():
-        return AuditFailure(f"{out / 'chain.jsonl'} is missing: the run's embedded chain cannot be re-executed")
+def _opening_error(exc: Exception) -> AuditFailure:
     return AuditFailure(f"cannot open the job's contracts ({type(exc).__name__}: {str(exc).splitlines()[0]})")
 
 
@@ -57,14 +55,21 @@ class Auditor:
         if self.ref.ledger is None or self.ref.market is None or self.ref.job_id is None:
             raise ProtocolError(f"{out_dir}: the job never opened its ledger; there is nothing to audit")
         client = Identity.load(key_file or self.out / "keys" / "client.json", passphrase)
+        if self.ref.chain == "embedded" and not (self.out / "chain.jsonl").is_file():
+            raise AuditFailure(f"{self.out / 'chain.jsonl'} is missing: the run's embedded chain cannot be re-executed")
         forget_chain(self.ref)  # re-execute the journal afresh, whatever this process opened before
         try:
             self.job = Job(self.ref, None, Participants(client, [], {}))
+            if not self.job.chain.w3.eth.get_code(self.job.market.address):
+                raise AuditFailure(f"no market contract at {self.job.market.address} on this chain "
+                                   f"(is chain.jsonl from another run?)")
             self.task = self.job.market.task(self.ref.job_id)
+        except AuditFailure:
+            raise
         except ChainError as exc:
             raise AuditFailure(f"the run's chain: {exc}") from None
         except Exception as exc:  # a damaged address, a journal of another run: say which, in one line
-            raise _opening_error(self.out, self.ref, exc) from None
+            raise _opening_error(exc) from None
         self.opened: dict[Slot, object] = {}
 
     def ok(self, message: str) -> None:
@@ -89,8 +94,6 @@ class Auditor:
             else f"JSON-RPC node at {job.ref.chain}"
         if job.chain.chain_id != self.ref.chain_id:
             self.fail(f"chain id {job.chain.chain_id} is not the run's {self.ref.chain_id}")
-        if not job.chain.w3.eth.get_code(job.market.address):
-            self.fail(f"no market contract at {job.market.address} on this chain (is chain.jsonl from another run?)")
         if task["ledger"] != job.ledger.address:
             self.fail(f"market {job.market.address} names ledger {task['ledger']} for job {job.job_id}, "
                       f"job.json names {job.ledger.address}")

@@ -41,6 +41,13 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
     return out
 
 
+def stage_pid(job: Job, pipeline: int, stage: int) -> int | None:
+    """The process id of trainer (pipeline, stage)'s stage process, while it runs here."""
+    with _LOCK:
+        cluster = _CLUSTERS.get((job.ref.out_dir, pipeline))
+    return None if cluster is None else cluster.pid(pipeline, stage)
+
+
 def has_trainers(job: Job, pipeline: int) -> bool:
     """Whether ``pipeline``'s stage processes were up (so that a failure means they start again)."""
     with _LOCK:
