@@ -6,9 +6,12 @@
     tdml train SPEC --out DIR           the engine alone: no chain, no storage
     tdml baseline single|fedavg SPEC --out DIR
 
-A user's mistake (a bad spec, a model that cannot be split, a missing dataset)
-ends with one clear line on stderr and exit code 2; a failure while training
-(a stage process that died) with exit code 1.
+A user's mistake (a bad spec, a model that cannot be split, a missing dataset,
+an --out that cannot be written, a store that does not answer) ends with one
+clear line on stderr and exit code 2; a failure while training (a stage process
+that died) with one line naming it and the log file that holds the traceback,
+and exit code 1. ``tdml run`` writes Prefect's logs to DIR/tdml.log; ``--verbose``
+shows them on the console too.
 """
 
 from __future__ import annotations
@@ -16,9 +19,15 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
+import time
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+LOG_NAME = "tdml.log"  # in the run folder: Prefect's logs, and the traceback of a failure
 
 
 def _console():
@@ -74,6 +83,8 @@ class EpochProgress:
         self.console.print(
             f"epoch {rec['epoch'] + 1}: global accuracy {rec['global_accuracy']:.4f}  "
             f"loss {rec['global_loss']:.4f}  ({rec['wall_s']:.1f} s)" + (f"  local {local}" if local else "")
+            + (f"  restarted trainers {' '.join(rec['restarted'])} (optimizer state lost)" if rec.get("restarted")
+               else "")
         )
         self.progress.advance(self.task)
 
@@ -93,13 +104,17 @@ def cmd_plan(args) -> int:
 
 def _run(args, fn, title: str) -> int:
     from tdml_core.config import load_spec
+    from tdml_core.paths import check_out_folder
     from tdml_core.report import plot_epochs, summary, write_summary
 
     spec = load_spec(args.spec)
-    console = _console()
-    with EpochProgress(console, title, spec.epochs) as progress:
-        result = fn(spec, on_epoch=progress)
     out = Path(args.out)
+    with _undo_if_refused(out):
+        check_out_folder(out)  # before minutes of training, not after
+        args.log_path = out / LOG_NAME
+        console = _console()
+        with EpochProgress(console, title, spec.epochs) as progress:
+            result = fn(spec, on_epoch=progress)
     path = write_summary(out, summary(spec, result))
     plot_epochs(result.epochs, out / "accuracy.png", f"{spec.name} ({result.mode})")
     console.print(
@@ -121,36 +136,136 @@ def cmd_baseline(args) -> int:
     return _run(args, fn, f"baseline {args.kind}")
 
 
-def _prefect_env(verbose: bool) -> None:
-    """Settings read when Prefect is imported: a patient temporary server, quiet logs, no telemetry."""
+def _prefect_env() -> None:
+    """Settings read when Prefect is imported: a patient temporary server, no telemetry."""
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    if not verbose:
-        os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _prefect_logging(log: Path, verbose: bool) -> None:
+    """Send Prefect's logs (and those of its temporary server, a subprocess) to ``log``; to the console as well
+    only when ``verbose``. Prefect reads the file PREFECT_LOGGING_SETTINGS_PATH names when it is imported, and
+    its server subprocess inherits the variable; the file is Prefect's own logging.yml with the console
+    handlers replaced (or joined) by one that appends to ``log``. A user's own settings file is left alone."""
+    import atexit
+    import importlib.util
+
+    import yaml
+
+    if os.environ.get("PREFECT_LOGGING_SETTINGS_PATH"):
+        return
+    origin = importlib.util.find_spec("prefect").origin
+    config = yaml.safe_load((Path(origin).parent / "logging" / "logging.yml").read_text())
+    config.setdefault("handlers", {})["tdml_file"] = {
+        "level": 0,
+        "class": "logging.FileHandler",
+        "formatter": "standard",
+        "filename": str(log.resolve()).replace("$", "$$"),  # the file is a string.Template
+        "encoding": "utf-8",
+    }
+    console = {"console", "debug"}
+    for logger in [config.get("root", {}), *config.get("loggers", {}).values()]:
+        handlers = logger.get("handlers")
+        if not handlers or not console & set(handlers):
+            continue
+        kept = list(handlers) if verbose else [h for h in handlers if h not in console]
+        logger["handlers"] = kept + ["tdml_file"]
+    fd, path = tempfile.mkstemp(prefix="tdml-prefect-logging-", suffix=".yml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    atexit.register(lambda: Path(path).unlink(missing_ok=True))
+    os.environ["PREFECT_LOGGING_SETTINGS_PATH"] = path
+
+
+def _check_store(spec, out: Path, args) -> None:
+    """Open the store the run will use, so that a store that does not answer is refused before Prefect starts."""
+    from tdml_core.protocol.job import JobRef
+    from tdml_core.storage import open_store
+
+    if args.resume:
+        url = JobRef.load(out).store_url
+    else:
+        url = args.store or spec.protocol.store or "local:store"
+        if url.startswith("local:") and not Path(url[6:]).is_absolute():
+            url = f"local:{out / url[6:]}"  # inside the run folder, as steps.prepare makes it
+    open_store(url)
+
+
+def _check_chain(spec, out: Path, args) -> None:
+    """A chain URL that names no node is refused before Prefect starts (the embedded chain is always there)."""
+    from tdml_core.chain import Chain
+    from tdml_core.protocol.job import JobRef
+
+    url = JobRef.load(out).chain if args.resume else (args.chain or spec.protocol.chain)
+    if url != "embedded":
+        Chain(url)
+
+
+def _remove_empty(folder: Path) -> None:
+    """Remove ``folder`` and the folders below it that are empty; never a file."""
+    for path in sorted(folder.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        if path.is_dir():
+            try:
+                path.rmdir()
+            except OSError:
+                pass
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
+
+
+@contextmanager
+def _undo_if_refused(out: Path):
+    """A command refused for a user's mistake leaves no empty folders behind where there were none."""
+    top = out.absolute()  # the outermost folder the command may create
+    while not top.parent.exists():
+        top = top.parent
+    existed = top.exists()
+    try:
+        yield
+    except BaseException as exc:
+        if not existed and user_error(exc) is not None:
+            _remove_empty(top)
+        raise
 
 
 def cmd_run(args) -> int:
-    _prefect_env(args.verbose)
+    _prefect_env()
     from tdml_core.config import load_spec
-
     from tdml_core.protocol.steps import check_run_folder
+    from tdml_core.runtime.context import load_job, make_plan
 
-    spec = load_spec(args.spec)  # a bad spec or folder is reported before Prefect starts
-    check_run_folder(args.out, args.resume)
-    from flows.train import EPOCH_LISTENERS, tdml_train
+    # everything a user can get wrong is refused here, before Prefect starts; the cheap checks first
+    spec = load_spec(args.spec)
+    out = Path(args.out.replace("{now}", time.strftime("%Y%m%d-%H%M%S")))  # one folder per scheduled run
+    with _undo_if_refused(out):
+        check_run_folder(out, args.resume)  # a writable folder, created here, without a job unless resuming
+        _check_store(spec, out, args)  # a store that answers
+        _check_chain(spec, out, args)  # a chain node that answers
+        ds, model = load_job(spec)  # a dataset that serves every pipeline a batch; a model that builds and fits
+        make_plan(spec, model, ds)  # and splits into the stages asked for
+    args.log_path = out / LOG_NAME
+    _prefect_logging(args.log_path, args.verbose)
 
     console = _console()
     console.print(f"tdml run {args.spec}: {spec.data_parallel} pipelines, {spec.epochs} epochs, chain "
-                  f"{args.chain or spec.protocol.chain}; starting Prefect …")
+                  f"{args.chain or spec.protocol.chain}; starting Prefect (its logs: {args.log_path}) …")
+    from flows.train import EPOCH_LISTENERS, tdml_train
+
+    if not args.verbose:
+        import logging
+
+        logging.captureWarnings(True)  # library warnings join Prefect's logs in the file
+
     with EpochProgress(console, "tdml-train", spec.epochs) as progress:
         EPOCH_LISTENERS.append(progress)
         try:
-            data = tdml_train(spec_path=str(args.spec), out_dir=str(args.out), resume=args.resume,
+            data = tdml_train(spec_path=str(args.spec), out_dir=str(out), resume=args.resume,
                               chain=args.chain, store=args.store)
         finally:
             EPOCH_LISTENERS.remove(progress)
-    out = Path(args.out)
     if data["resumed_from"]:
         console.print(f"resumed job {data['job_id']} after epoch {data['resumed_from']}")
     paid = sum(data["rewards"].values())
@@ -189,7 +304,7 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--resume", action="store_true", help="continue the job in --out after its last global model")
     sp.add_argument("--chain", help="JSON-RPC URL of a node (default: the spec's, else the embedded chain)")
     sp.add_argument("--store", help="local:DIR, ipfs://HOST:PORT or s3://BUCKET?endpoint=URL")
-    sp.add_argument("--verbose", action="store_true", help="show Prefect's logs")
+    sp.add_argument("--verbose", action="store_true", help="show Prefect's logs (always written to DIR/tdml.log)")
     sp.set_defaults(func=cmd_run)
     sp = sub.add_parser("audit", help="re-check a finished run from its ledger and store")
     sp.add_argument("dir", help="the run folder of tdml run")
@@ -208,30 +323,80 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from tdml_core.errors import USER_ERRORS
+    except Exception:  # a library that does not import: every error is a failure then
+        return ()
+    return USER_ERRORS
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The user's mistake behind ``exc``: ``exc`` itself, what it was raised from, one of a group, or what a
+    Prefect exception was raised while handling (Prefect may wrap what a task raised)."""
+    kinds = _user_errors()
+    todo, seen = [exc], set()
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if kinds and isinstance(e, kinds):
+            return e
+        if isinstance(e, BaseExceptionGroup):
+            todo.extend(e.exceptions)
+        todo.append(e.__cause__)
+        if type(e).__module__.split(".")[0] == "prefect":
+            todo.append(e.__context__)
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _write_traceback(exc: BaseException, log: Path | None) -> Path:
+    """Append the full traceback to ``log`` (the run folder's), else to a fresh temporary file."""
+    text = "".join(traceback.format_exception(exc))
+    if log is not None:
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} tdml failed:\n{text}")
+            return log
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="tdml-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def report(exc: BaseException, log: Path | None) -> int:
+    """One line for any exception that ends a command: ``tdml: error:`` and 2 for a user's mistake,
+    ``tdml: failed:`` and 1 for anything else, with the traceback kept in the log."""
+    mistake = user_error(exc)
+    if mistake is not None:
+        print(f"tdml: error: {str(mistake).strip() or type(mistake).__name__}", file=sys.stderr)
+        return 2
+    where = _write_traceback(exc, log)
+    print(f"tdml: failed: {_first_line(exc)} (full log: {where})", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    from tdml_core.model.split import quiet_trace_warnings
-
-    quiet_trace_warnings()
-    from tdml_core.errors import USER_ERRORS
-    from tdml_core.chain.client import ChainError
-    from tdml_core.runtime.cluster import StageFailure
-
+    args.log_path = None  # set by the commands that have a folder to keep a log in
     try:
+        from tdml_core.model.split import quiet_trace_warnings
+
+        quiet_trace_warnings()
         return args.func(args)
-    except USER_ERRORS as exc:
-        print(f"tdml: error: {exc}", file=sys.stderr)
-        return 2
-    except StageFailure as exc:
-        first = str(exc).splitlines()[0]
-        print(f"tdml: training failed: {first}", file=sys.stderr)
-        return 1
-    except ChainError as exc:
-        print(f"tdml: chain: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("tdml: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return report(exc, args.log_path)
 
 
 if __name__ == "__main__":

@@ -68,6 +68,9 @@ class ProtocolSpec(_Strict):
     """What ``tdml run`` adds to the engine's spec: money, chain, store, keys, detection."""
 
     budget_wei: int = Field(default=10**18, gt=0)  # escrowed at publish, paid out for verified work
+    bond_wei: int = Field(default=0, ge=0)  # each server and trainer deposits it with its offer; back at settlement
+    deadline_s: int = Field(default=7 * 24 * 3600, gt=0)  # after this, anyone may settle: credited work is paid,
+    #                                                     the rest refunded to the client
     chain: str = "embedded"  # or a JSON-RPC URL
     store: str | None = None  # local:DIR, ipfs://HOST:PORT, s3://BUCKET?endpoint=URL; default <out>/store
     participants: ParticipantsSpec = ParticipantsSpec()
@@ -95,7 +98,7 @@ class JobSpec(_Strict):
     weight_decay: float = Field(default=0.0, ge=0)
     precision: Literal["fp32", "fp16"] = "fp32"  # bytes per value in the memory estimate
     top_k: int = Field(default=2, ge=1)
-    seed: int = 0
+    seed: int = Field(default=0, ge=0)
     stage_timeout_s: float = Field(default=120.0, gt=0)  # a stage silent this long fails the epoch
     protocol: ProtocolSpec = ProtocolSpec()  # used by ``tdml run`` only
 

@@ -87,6 +87,8 @@ class Identity:
             raise CryptoError(f"{path}: no such key file") from None
         except json.JSONDecodeError:
             raise CryptoError(f"{path}: not a TDML key file") from None
+        if not isinstance(doc, dict) or "address" not in doc or not ("encrypted" in doc or "secrets" in doc):
+            raise CryptoError(f"{path}: not a TDML key file")
         if "encrypted" in doc:
             if not passphrase:
                 raise CryptoError(f"{path}: key file is encrypted; a passphrase is needed")
@@ -100,11 +102,14 @@ class Identity:
             secrets = json.loads(raw)
         else:
             secrets = doc["secrets"]
-        ident = cls(
-            doc["name"],
-            Account.from_key(bytes.fromhex(secrets["eth"].removeprefix("0x"))),
-            X25519PrivateKey.from_private_bytes(bytes.fromhex(secrets["x25519"])),
-        )
+        try:
+            ident = cls(
+                doc.get("name", path.stem),
+                Account.from_key(bytes.fromhex(secrets["eth"].removeprefix("0x"))),
+                X25519PrivateKey.from_private_bytes(bytes.fromhex(secrets["x25519"])),
+            )
+        except (KeyError, ValueError, TypeError, AttributeError):
+            raise CryptoError(f"{path}: damaged key file") from None
         if ident.address != doc["address"]:
             raise CryptoError(f"{path}: key file's address does not match its key")
         return ident

@@ -41,6 +41,10 @@ class ChainError(RuntimeError):
     """A transaction reverted or the node refused it; the message carries the reason."""
 
 
+class ChainConfigError(ChainError):
+    """The chain asked for cannot be used: an unknown name, or no node answers at the URL (a user's mistake)."""
+
+
 @dataclass
 class Sent:
     receipt: dict
@@ -71,10 +75,10 @@ class Chain:
         elif url.startswith(("http://", "https://")):
             self.w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": 60}))
             if not self.w3.is_connected():
-                raise ChainError(f"no JSON-RPC node answers at {url}")
+                raise ChainConfigError(f"no JSON-RPC node answers at {url}")
             self.faucet = Account.from_key(ANVIL_DEV_KEY)
         else:
-            raise ChainError(f"unknown chain {url!r}: use 'embedded' or an http(s) JSON-RPC URL")
+            raise ChainConfigError(f"unknown chain {url!r}: use 'embedded' or an http(s) JSON-RPC URL")
         self.chain_id = self.w3.eth.chain_id
         self.tx_count = 0
         self._nonces: dict[str, int] = {}

@@ -83,15 +83,31 @@ def build_model(
     """Build a model with seeded weights; lazy layers are materialised on ``example``."""
     factory = resolve_factory(name)
     torch.manual_seed(seed)
-    if name in BUILTIN:
-        model = factory(num_classes, in_channels)
-    else:
-        model = factory(**(kwargs or {}))
+    try:
+        if name in BUILTIN:
+            model = factory(num_classes, in_channels)
+        else:
+            model = factory(**(kwargs or {}))
+    except ModelError:
+        raise
+    except Exception as exc:  # a user's factory may raise anything: name it in one line
+        raise ModelError(f"model {name!r}: the factory raised {_one_line(exc)}") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"model {name!r}: factory returned {type(model).__name__}, not nn.Module")
     with torch.no_grad():
         was_training = model.training
         model.eval()  # a dry run in eval mode materialises lazy layers without touching BN stats
-        model(example)
+        try:
+            model(example)
+        except Exception as exc:
+            raise ModelError(
+                f"model {name!r} does not fit the input: forward on a batch of shape {tuple(example.shape)} "
+                f"raised {_one_line(exc)}"
+            ) from exc
         model.train(was_training)
     return model
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__

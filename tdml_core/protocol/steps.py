@@ -16,13 +16,16 @@ import torch
 
 from tdml_core.artifacts import doc_bytes
 from tdml_core.config import JobSpec
-from tdml_core.crypto import digest, new_data_key
+from tdml_core.chain.market import MAX_PIPELINES, MAX_STAGES, Kind, Slot
+from tdml_core.config import SpecError
+from tdml_core.crypto import digest
 from tdml_core.data import shard
 from tdml_core.identity import Identity, seal_secrets
 from tdml_core.model import split_model
 from tdml_core.model.split import quiet_trace_warnings
-from tdml_core.protocol.job import GAS_FUNDS_WEI, Job, JobRef, ProtocolError, epoch_slot, load_participants
-from tdml_core.protocol.rewards import planned_units, trainer_earns, validator_of
+from tdml_core.protocol.job import GAS_FUNDS_WEI, Job, JobRef, ProtocolError, load_participants
+from tdml_core.protocol.keys import JobKeys
+from tdml_core.protocol.rewards import trainer_earns, validator_of
 from tdml_core.robust.aggregate import average_states, select_top_k
 from tdml_core.robust.detect import gradient_stage, score_stage
 from tdml_core.robust.validate import evaluate
@@ -38,37 +41,57 @@ def _spec_doc(spec: JobSpec) -> dict:
 
 # -- 0. open the run folder ---------------------------------------------------------
 def check_run_folder(out_dir: str | Path, resume: bool) -> None:
-    """A new job needs a folder without one; resuming needs the job that is there."""
+    """A new job needs a folder without one, that it can create and write in; resuming needs the job that is there.
+
+    A new job's folder is created here (``paths.FolderError`` when it is a file or cannot be created or written).
+    """
+    from tdml_core.paths import check_out_folder
+
     out = Path(out_dir)
     if resume:
         JobRef.load(out)  # says clearly when there is no job to resume
+        check_out_folder(out)
     elif (out / "job.json").exists():
         old = JobRef.load(out)
         raise ProtocolError(
             f"{out_dir} already holds job {old.job_id}; pass --resume to continue it, or choose another --out"
         )
+    else:
+        check_out_folder(out)
 
 
 def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str | None = None,
             store: str | None = None) -> Job:
-    """Open (or re-open, to resume) the job in ``out_dir``: keys, chain, store; fund gas."""
+    """Open (or re-open, to resume) the job in ``out_dir``: keys, chain, store; fund gas.
+
+    Everything a user can get wrong (the spec, its data, its model, the market's
+    limits, the folder) is checked before any key is made or any transaction sent.
+    """
     out = Path(out_dir).resolve()
     check_run_folder(out_dir, resume)
+    ds, model = load_job(spec)
+    plan = make_plan(spec, model, ds)
+    if spec.data_parallel > MAX_PIPELINES:
+        raise SpecError(f"data_parallel ({spec.data_parallel}) exceeds the market's limit of {MAX_PIPELINES} pipelines")
+    if plan.n_stages > MAX_STAGES:
+        raise SpecError(f"the plan has {plan.n_stages} stages; the market allows at most {MAX_STAGES}")
     if resume:
         ref = JobRef.load(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
         store_url = store or spec.protocol.store or "local:store"  # inside the run folder
-        ref = JobRef(out_dir=str(out), chain=chain or spec.protocol.chain, store=store_url)
-    ds, model = load_job(spec)
+        ref = JobRef(out_dir=str(out), chain=chain or spec.protocol.chain, store=store_url, salt=os.urandom(32).hex())
     job = Job(ref, spec, None)
-    job.client_data, job.model = ds, model
-    job.plan = make_plan(spec, job.model, ds)
-    job.n_stages = job.plan.n_stages
+    job.client_data, job.model, job.plan = ds, model, plan
+    job.n_stages = plan.n_stages
     job.people = load_participants(spec, job.n_stages, out / "keys")
     job.ref.chain_id = job.chain.chain_id
+    if job.market is not None and job.ref.job_id is not None and job.ledger is None:
+        job.ledger = job.market.ledger_of(job.job_id)  # opened before a crash that kept it out of job.json
+        if job.ledger is not None:
+            job.ref.ledger, job.ref.ledger_block = job.ledger.address, job.market.task(job.job_id)["ledger_block"]
     if resume and job.ledger is not None:
-        have = job.commitment(0, "spec", "job")
+        have = job.commitment(0, Kind.SPEC)
         if have is not None and have.digest.removeprefix("0x") != digest(doc_bytes(_spec_doc(spec))):
             raise ProtocolError(f"this spec is not the one job {job.job_id} was published with")
     for who in job.people.everyone:
@@ -89,79 +112,140 @@ def _fund(job: Job, address: str, need: int) -> None:
 
 
 # -- 1. publish task ------------------------------------------------------------------
+def _market_address(job: Job, nonce: int) -> str:
+    """Where the client's deployment of the market lands: the blueprint at ``nonce``, the market after it."""
+    import rlp
+    from eth_utils import keccak, to_canonical_address, to_checksum_address
+
+    sender = to_canonical_address(job.people.client.address)
+    return to_checksum_address(keccak(rlp.encode([sender, nonce + 1]))[12:])
+
+
 def publish_task(job: Job) -> int:
-    """The client publishes the task with the budget escrowed (deploying a market if none is given)."""
+    """The client publishes the task under its salt with the budget escrowed (deploying a market if none is given).
+
+    Each transaction is found again after a crash at any point: the market at the
+    address the client's recorded nonce gives, the task by (client, salt).
+    """
     from tdml_core.chain.market import MarketClient
 
     client, spec = job.people.client, job.spec
     if job.ref.market is None:
-        job.market = MarketClient.deploy(job.chain, client.account)
+        nonce = job.ref.deploy_nonce
+        if nonce is not None and job.chain.w3.eth.get_code(_market_address(job, nonce)):
+            job.market = MarketClient(job.chain, _market_address(job, nonce))
+        else:
+            job.ref.deploy_nonce = job.chain.nonce(client.address)
+            job.save_ref()
+            job.market = MarketClient.deploy(job.chain, client.account)
         job.ref.market = job.market.address
         job.save_ref()
     if job.ref.job_id is None:
-        job.ref.job_id, _ = job.market.publish_task(
-            client.account, spec.name[:64], spec.protocol.budget_wei, 1, 1, spec.data_parallel
-        )
+        salt = bytes.fromhex(job.ref.salt)
+        found = job.market.find_task(client.address, salt)
+        if found is None:
+            deadline = job.chain.timestamp() + spec.protocol.deadline_s
+            found, _ = job.market.publish_task(
+                client.account, salt, spec.name[:64], spec.protocol.budget_wei, splits=spec.data_parallel,
+                stages=job.n_stages, epochs=spec.epochs, deadline=deadline, pubkey=client.public_key,
+                bond_wei=spec.protocol.bond_wei,
+            )
+        job.ref.job_id = found
         job.save_ref()
     return job.job_id
 
 
 # -- 2. hire parameter servers -------------------------------------------------------------
 def hire_parameter_servers(job: Job) -> list[str]:
-    """Servers register (each signing), the client hires one per pipeline and opens the job ledger."""
+    """Servers register for the task (each signing, with its bond and key); the client hires one per pipeline."""
     from tdml_core.chain.market import SERVER
 
-    m, client = job.market, job.people.client
+    m, client, task_id = job.market, job.people.client, job.job_id
     for server in job.people.servers:
-        if m.c.functions.servers(server.address).call()[0] == 0:
-            m.register(server.account, SERVER_MEMORY, os.cpu_count() or 1)
-    if not m.task(job.job_id)["hired"]:
-        m.hire_servers(client.account, job.job_id, [s.address for s in job.people.servers])
-    for server in job.people.servers:
-        if m.role(job.job_id, server.address) != SERVER:
-            raise ProtocolError(f"{server.address} is not a hired server of job {job.job_id}")
-    if job.ref.ledger is None:
-        units = planned_units(job.spec.epochs, job.spec.data_parallel, job.n_stages)
-        job.ledger, sent = m.open_ledger(client.account, job.job_id, units)
-        job.ref.ledger = job.ledger.address
-        job.ref.ledger_block = sent.receipt["blockNumber"]
-        job.save_ref()
+        if m.role(task_id, server.address) == 0 and not m.registered(task_id, server.address):
+            m.register(server.account, task_id, SERVER_MEMORY, os.cpu_count() or 1, server.public_key,
+                       job.spec.protocol.bond_wei)
+    hired = m.task(task_id)["servers"]
+    if hired < len(job.people.servers):
+        m.hire_servers(client.account, task_id, [s.address for s in job.people.servers[hired:]])
+    for p, server in enumerate(job.people.servers):
+        if m.role(task_id, server.address) != SERVER or m.server_at(task_id, p) != server.address:
+            raise ProtocolError(f"{server.address} is not the hired server of pipeline {p} in job {task_id}")
     return [s.address for s in job.people.servers]
 
 
-# -- 3. key exchange ------------------------------------------------------------------------
-def _commit_public_key(job: Job, who: Identity, slot: str) -> None:
-    job.commit_once(who, 0, "pubkey", slot, "", who.public_key.hex())
+# -- 3. hire trainers ----------------------------------------------------------------------
+def hire_trainers(job: Job) -> str:
+    """Each server posts its hiring message; trainers offer; the server hires one per stage; the ledger opens.
+
+    Opening the ledger closes hiring, so it comes last; a crash after it finds
+    the ledger again on the market.
+    """
+    spec, m, task_id = job.spec, job.market, job.job_id
+    for p, server in enumerate(job.people.servers):
+        if not m.hiring_open(task_id, server.address):
+            m.post_trainer_hiring(server.account, task_id, job.n_stages, 1)
+        to_hire, stages = [], []
+        for s, trainer in enumerate(job.people.trainers_of(p)):
+            holder = m.holder(task_id, p, s)
+            if int(holder, 16) != 0:
+                if holder != trainer.address:
+                    raise ProtocolError(f"stage {s} of pipeline {p} is held by {holder}, not {trainer.address}")
+                continue
+            if not m.offered(task_id, trainer.address):
+                offer = spec.trainers[s] if s < len(spec.trainers) else None
+                memory = (offer.memory_bytes if offer and offer.memory_bytes else TRAINER_MEMORY)
+                cpus = (offer.cpus if offer and offer.cpus else 1)
+                m.offer_trainer(trainer.account, task_id, server.address, memory, cpus, trainer.public_key,
+                                spec.protocol.bond_wei)
+            to_hire.append(trainer.address)
+            stages.append(s)
+        if to_hire:
+            m.hire_trainers(server.account, task_id, to_hire, stages)
+    if job.ref.ledger is None:
+        ledger = m.ledger_of(task_id)
+        if ledger is None:
+            ledger, _ = m.open_ledger(job.people.client.account, task_id)
+        job.ledger = ledger
+        job.ref.ledger = ledger.address
+        job.ref.ledger_block = m.task(task_id)["ledger_block"]
+        job.save_ref()
+    return job.ledger.address
 
 
-def _seal_to(job: Job, sender: Identity, receiver_slot: str, role: str, secrets: dict) -> None:
-    if job.commitment(0, "secrets", receiver_slot) is not None:
+# -- 4. key exchange ------------------------------------------------------------------------
+def _seal_to(job: Job, sender: Identity, receiver: str, slot: Slot, role: str, secrets: dict) -> None:
+    if job.ledger.commitment(slot) is not None:
         return
-    envelope = seal_secrets(sender, job.public_key(receiver_slot), job.job_id, role, secrets)
-    job.commit_once(sender, 0, "secrets", receiver_slot, job.store.put(envelope), digest(envelope))
+    envelope = seal_secrets(sender, job.public_key(receiver), job.job_id, role, secrets)
+    job.commit_once(sender, slot, job.store.put(envelope), digest(envelope))
 
 
 def exchange_keys(job: Job) -> None:
-    """Client and servers publish X25519 keys; the client seals the job's keys to every server."""
+    """The client makes the job's keys and hands each participant only the ones it needs (see keys.py)."""
     client = job.people.client
-    _commit_public_key(job, client, "client")
-    for i, server in enumerate(job.people.servers):
-        _commit_public_key(job, server, f"server/{i}")
-    if job.commitment(0, "secrets", "server/0") is None:
-        job.set_secrets({"data_key": new_data_key(), "model_key": new_data_key()})
-    secrets = job.secrets  # the keys already sealed to server 0 when this step runs again
-    for i in range(len(job.people.servers)):
-        _seal_to(job, client, f"server/{i}", "job-secrets", secrets)
-    cid, dig = job.put_doc("spec", _spec_doc(job.spec), key="data_key")
-    job.commit_once(client, 0, "spec", "job", cid, dig)
+    if job.commitment(0, Kind.CLIENT_KEYS) is None:
+        job.set_keys(JobKeys.new())
+        _seal_to(job, client, client.address, Slot(0, Kind.CLIENT_KEYS), "client-keys", job.keys.for_client())
+    keys = job.keys  # opened from the ledger when this step runs again
+    for p, server in enumerate(job.people.servers):
+        _seal_to(job, client, server.address, Slot(0, Kind.SERVER_KEYS, p), "server-keys", keys.for_server())
+        for s, trainer in enumerate(job.people.trainers_of(p)):
+            _seal_to(job, client, trainer.address, Slot(0, Kind.DATA_KEY, p, s), "data-key",
+                     keys.for_trainer_data(p))
+            _seal_to(job, server, trainer.address, Slot(0, Kind.TRAINER_KEYS, p, s), "trainer-keys",
+                     keys.for_trainer(p, s))
+    if job.commitment(0, Kind.SPEC) is None:
+        cid, dig = job.put_doc(Kind.SPEC, _spec_doc(job.spec))
+        job.commit_once(client, Slot(0, Kind.SPEC), cid, dig)
 
 
-# -- 4. shard model -------------------------------------------------------------------------
+# -- 5. shard model -------------------------------------------------------------------------
 def stage_keys(job: Job) -> list[list[str]]:
     """Which entries of the model's state each stage holds (the same split every trainer makes)."""
     if job._stage_keys is None:
         quiet_trace_warnings()
-        x, _, _ = job.test_set()
+        x, _, _ = job.eval_set()
         stages = split_model(job.new_model(), job.plan, x[: job.spec.microbatch_size].clone())
         job._stage_keys = [sorted(m.state_dict().keys()) for m in stages]
     return job._stage_keys
@@ -171,93 +255,77 @@ def _put_stage_inputs(job: Job, epoch: int, state: dict) -> None:
     """The aggregating server puts each stage's slice of the global model in the store for ``epoch``."""
     server = job.people.servers[0]
     for s, keys in enumerate(stage_keys(job)):
-        if job.commitment(epoch, "stage", str(s)) is None:
-            cid, dig = job.put_state(f"stage/{s}", {k: state[k] for k in keys})
-            job.commit_once(server, epoch, "stage", str(s), cid, dig)
+        if job.commitment(epoch, Kind.STAGE, 0, s) is None:
+            cid, dig = job.put_state(Kind.STAGE, {k: state[k] for k in keys}, stage=s)
+            job.commit_once(server, Slot(epoch, Kind.STAGE, 0, s), cid, dig)
 
 
 def shard_model(job: Job) -> dict:
-    """Servers plan stages and hire trainers; keys go to trainers; data and stage weights into the store."""
-    from tdml_core.chain.market import TRAINER
-
-    spec, m = job.spec, job.market
-    client = job.people.client
+    """Servers commit their plans; the client's data, eval set and initial model, and epoch 0's stage inputs."""
+    spec, client = job.spec, job.people.client
     for p, server in enumerate(job.people.servers):
-        trainers = job.people.trainers_of(p)
-        if not m.c.functions.hiring_open(job.job_id, server.address).call():
-            m.post_trainer_hiring(server.account, job.job_id, job.n_stages, 1)
-        to_hire = []
-        for s, trainer in enumerate(trainers):
-            if m.role(job.job_id, trainer.address) == 0:
-                offer = spec.trainers[s] if s < len(spec.trainers) else None
-                memory = (offer.memory_bytes if offer and offer.memory_bytes else TRAINER_MEMORY)
-                cpus = (offer.cpus if offer and offer.cpus else 1)
-                m.offer_trainer(trainer.account, job.job_id, server.address, memory, cpus)
-                to_hire.append(trainer.address)
-            elif m.role(job.job_id, trainer.address) != TRAINER:
-                raise ProtocolError(f"{trainer.address} holds another role in job {job.job_id}")
-        if to_hire:
-            m.hire_trainers(server.account, job.job_id, to_hire)
-        for s, trainer in enumerate(trainers):
-            _commit_public_key(job, trainer, f"trainer/{p}/{s}")
-            _seal_to(job, server, f"trainer/{p}/{s}", "trainer-secrets", job.secrets)
-        plan_doc = {"plan": job.plan.to_dict(), "trainers": [t.address for t in trainers]}
-        cid, dig = job.put_doc(f"plan/{p}", plan_doc)
-        job.commit_once(server, 0, "plan", str(p), cid, dig)
-    # the client's data, sealed with the data key: one shard per pipeline and the test set
+        if job.commitment(0, Kind.PLAN, p) is None:
+            plan_doc = {"plan": job.plan.to_dict(), "trainers": [t.address for t in job.people.trainers_of(p)]}
+            cid, dig = job.put_doc(Kind.PLAN, plan_doc, p)
+            job.commit_once(server, Slot(0, Kind.PLAN, p), cid, dig)
+    # the client's data: one shard per pipeline under that pipeline's key, the eval set under the servers'
     ds = job.client_data
     classes = torch.tensor(ds.num_classes)
     for p in range(spec.data_parallel):
-        if job.commitment(0, "data", str(p)) is None:
+        if job.commitment(0, Kind.DATA, p) is None:
             x, y = shard(ds, p, spec.data_parallel, spec.seed)
-            cid, dig = job.put_state(f"data/{p}", {"x": x, "y": y, "num_classes": classes}, key="data_key")
-            job.commit_once(client, 0, "data", str(p), cid, dig)
-    if job.commitment(0, "test", "set") is None:
-        cid, dig = job.put_state("test", {"x": ds.test_x, "y": ds.test_y, "num_classes": classes}, key="data_key")
-        job.commit_once(client, 0, "test", "set", cid, dig)
-    init = job.commitment(0, "init", "model")
+            cid, dig = job.put_state(Kind.DATA, {"x": x, "y": y, "num_classes": classes}, p)
+            job.commit_once(client, Slot(0, Kind.DATA, p), cid, dig)
+    if job.commitment(0, Kind.EVAL) is None:
+        cid, dig = job.put_state(Kind.EVAL, {"x": ds.test_x, "y": ds.test_y, "num_classes": classes})
+        job.commit_once(client, Slot(0, Kind.EVAL), cid, dig)
+    init = job.commitment(0, Kind.INIT)
     if init is None:
-        cid, dig = job.put_state("init", job.model.state_dict())
-        job.commit_once(client, 0, "init", "model", cid, dig)
-        init = job.must(0, "init", "model")
-    if job.commitment(0, "stage", str(job.n_stages - 1)) is None:
-        _put_stage_inputs(job, 0, job.get_state("init", init))
+        cid, dig = job.put_state(Kind.INIT, job.model.state_dict())
+        init = job.commit_once(client, Slot(0, Kind.INIT), cid, dig)
+    if job.ledger.global_epochs == 0 and job.commitment(0, Kind.STAGE, 0, job.n_stages - 1) is None:
+        _put_stage_inputs(job, 0, job.get_state(init, Kind.INIT))
     return job.plan.to_dict()
 
 
-# -- 5. train epoch -----------------------------------------------------------------------
+# -- 6. train epoch -----------------------------------------------------------------------
 def start_epoch(job: Job, epoch: int) -> int:
-    """Server 0 marks an attempt at ``epoch``; a crashed attempt's commitments stay, under their own slots."""
+    """Server 0 marks an attempt at ``epoch``; a crashed attempt's commitments stay, under their own attempt."""
     if job.ledger.global_epochs > epoch:
         raise ProtocolError(f"epoch {epoch} already has a global model; it is not trained twice")
     attempt = job.attempt(epoch) + 1
     mark = hashlib.sha256(f"{job.job_id}/{epoch}/{attempt}".encode()).hexdigest()
-    job.commit_once(job.people.servers[0], epoch, "attempt", str(attempt), "", mark)
+    job.commit_once(job.people.servers[0], Slot(epoch, Kind.ATTEMPT, attempt=attempt), "", mark)
     return attempt
 
 
 def train_pipeline(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
     """One pipeline's trainers fetch their stage and shard, train, and commit their digests."""
-    from tdml_core.protocol.trainers import drop_trainers, trainer_cluster
+    from tdml_core.protocol.trainers import drop_trainers, has_trainers, trainer_cluster
     from tdml_core.runtime.cluster import StageFailure
 
     t0 = time.perf_counter()
-    stage_in = [job.must(epoch, "stage", str(s)) for s in range(job.n_stages)]
+    stage_in = [job.must(epoch, Kind.STAGE, 0, s) for s in range(job.n_stages)]
+    restarted = job.restarted.pop(pipeline, [])
     try:
         cluster = trainer_cluster(job, pipeline)
         t1 = time.perf_counter()
         stats = cluster.train_epoch_from_store(epoch, [{"cid": c.cid, "digest": c.digest} for c in stage_in])
         stats = stats[pipeline]
-    except StageFailure:
-        drop_trainers(job, pipeline)  # a retry starts this pipeline's trainers afresh
+    except StageFailure as exc:
+        if has_trainers(job, pipeline):  # their processes (and optimizer state) are gone; a retry starts new ones
+            job.restarted[pipeline] = [f"{pipeline}/{s}" for s in range(job.n_stages)]
+            job.failures.setdefault(pipeline, []).append(str(exc).splitlines()[0])
+        drop_trainers(job, pipeline)
         raise
     t2 = time.perf_counter()
     for s, st in enumerate(stats):
         trainer = job.people.trainers[(pipeline, s)]
-        slot = epoch_slot(f"{pipeline}/{s}", attempt)
-        job.commit_once(trainer, epoch, "weights", slot, st["weights"]["cid"], st["weights"]["digest"])
-        job.commit_once(trainer, epoch, "grad", slot, st["grad"]["cid"], st["grad"]["digest"])
+        for kind in (Kind.WEIGHTS, Kind.GRAD):
+            ref = st[kind.name.lower()]
+            job.commit_once(trainer, Slot(epoch, kind, pipeline, s, attempt), ref["cid"], ref["digest"])
     return {"pipeline": pipeline, "train_loss": stats[-1]["train_loss"], "batches": stats[-1]["batches"],
+            "restarted": restarted, "failures": job.failures.pop(pipeline, []) if restarted else [],
             "startup_s": t1 - t0, "train_s": t2 - t1, "commit_s": time.perf_counter() - t2}
 
 
@@ -265,42 +333,40 @@ def local_model(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
     """A pipeline's local model, put together from its trainers' committed stage weights."""
     state = {}
     for s in range(job.n_stages):
-        c = job.must(epoch, "weights", epoch_slot(f"{pipeline}/{s}", attempt))
-        state.update(job.get_state(f"weights/{pipeline}/{s}", c))
+        c = job.must(epoch, Kind.WEIGHTS, pipeline, s, attempt)
+        state.update(job.get_state(c, Kind.WEIGHTS, pipeline, s))
     return state
 
 
 def score(job: Job, state: dict) -> tuple[float, float]:
     model = job.new_model()
     model.load_state_dict(state)
-    x, y, _ = job.test_set()
+    x, y, _ = job.eval_set()
     return evaluate(model, x, y)
 
 
-# -- 6. cross-validate --------------------------------------------------------------------
+# -- 7. cross-validate --------------------------------------------------------------------
 def cross_validate(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
     """The next server round the ring scores ``pipeline``'s local model and commits the score."""
     n = job.spec.data_parallel
     validator = job.people.servers[validator_of(pipeline, n)]
-    slot = epoch_slot(str(pipeline), attempt)
-    have = job.commitment(epoch, "score", slot)
+    have = job.commitment(epoch, Kind.SCORE, pipeline, 0, attempt)
     if have is not None:
-        return job.get_doc(f"score/{pipeline}", have)
+        return job.get_doc(have, Kind.SCORE, pipeline)
     acc, loss = score(job, local_model(job, pipeline, epoch, attempt))
     doc = {"epoch": epoch, "attempt": attempt, "pipeline": pipeline, "accuracy": acc, "loss": loss,
            "validator": validator.address}
-    cid, dig = job.put_doc(f"score/{pipeline}", doc)
-    job.commit_once(validator, epoch, "score", slot, cid, dig)
+    cid, dig = job.put_doc(Kind.SCORE, doc, pipeline)
+    job.commit_once(validator, Slot(epoch, Kind.SCORE, pipeline, 0, attempt), cid, dig)
     return doc
 
 
-# -- 7. detect ----------------------------------------------------------------------------
+# -- 8. detect ----------------------------------------------------------------------------
 def detect(job: Job, epoch: int, attempt: int, scores: list[dict]) -> dict:
     """Stage 1 flags far-below-median scores; stage 2 (gradients) has its place; evictions go on the ledger."""
-    slot = epoch_slot("all", attempt)
-    have = job.commitment(epoch, "verdicts", slot)
+    have = job.commitment(epoch, Kind.VERDICTS, attempt=attempt)
     if have is not None:
-        return job.get_doc("verdicts", have)
+        return job.get_doc(have, Kind.VERDICTS)
     n = job.spec.data_parallel
     trainers = [[t.address for t in job.people.trainers_of(p)] for p in range(n)]
     flagged, verdicts = score_stage([sc["accuracy"] for sc in scores], job.spec.protocol.score_tolerance, trainers)
@@ -310,12 +376,12 @@ def detect(job: Job, epoch: int, attempt: int, scores: list[dict]) -> dict:
             p = int(v.slot.split("/")[0])
             job.ledger.evict(job.people.servers[p].account, v.trainer, epoch, v.reason)
     doc = {"epoch": epoch, "attempt": attempt, "flagged": flagged, "verdicts": [v.to_dict() for v in verdicts]}
-    cid, dig = job.put_doc("verdicts", doc)
-    job.commit_once(job.people.servers[0], epoch, "verdicts", slot, cid, dig)
+    cid, dig = job.put_doc(Kind.VERDICTS, doc)
+    job.commit_once(job.people.servers[0], Slot(epoch, Kind.VERDICTS, attempt=attempt), cid, dig)
     return doc
 
 
-# -- 8. aggregate ---------------------------------------------------------------------------
+# -- 9. aggregate ---------------------------------------------------------------------------
 def choose(scores: list[dict], flagged: list[bool], top_k: int) -> list[int]:
     """The top-K local models among the unflagged ones (the rule the audit re-applies)."""
     eligible = [p for p, bad in enumerate(flagged) if not bad]
@@ -328,13 +394,13 @@ def choose(scores: list[dict], flagged: list[bool], top_k: int) -> list[int]:
 def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict], verdicts: dict) -> dict:
     """Average the top-K local models, commit the global model, and stage it for the next epoch."""
     chosen = choose(scores, verdicts["flagged"], job.spec.top_k)
-    have = job.commitment(epoch, "global", "model")
+    have = job.commitment(epoch, Kind.GLOBAL, attempt=attempt)
     if have is None:
         global_state = average_states([local_model(job, p, epoch, attempt) for p in chosen])
-        cid, dig = job.put_state("global", global_state)
-        have = job.commit_once(job.people.servers[0], epoch, "global", "model", cid, dig)
+        cid, dig = job.put_state(Kind.GLOBAL, global_state)
+        have = job.commit_once(job.people.servers[0], Slot(epoch, Kind.GLOBAL, attempt=attempt), cid, dig)
     else:
-        global_state = job.get_state("global", have)
+        global_state = job.get_state(have, Kind.GLOBAL)
     if epoch + 1 < job.spec.epochs:
         _put_stage_inputs(job, epoch + 1, global_state)
     acc, loss = score(job, global_state)
@@ -342,47 +408,51 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict], verdicts: 
             "global_state": global_state}
 
 
-# -- 9. reward ------------------------------------------------------------------------------
-def work_done(job: Job, servers: list[str], trainers: dict[tuple[int, int], str]) -> dict[str, int]:
-    """Verified units per participant address, counted from the ledger's commitments."""
+# -- 10. reward ------------------------------------------------------------------------------
+def work_done(job: Job, servers: list[str], trainers: dict[tuple[int, int], str]) -> dict[str, list[int]]:
+    """The epochs of verified work of each participant address, read from the ledger's commitments."""
     n, epochs = job.spec.data_parallel, job.ledger.global_epochs
-    units = {a: 0 for a in [*servers, *trainers.values()]}
+    done: dict[str, list[int]] = {a: [] for a in [*servers, *trainers.values()]}
     for e in range(epochs):
         attempt = job.attempt(e)
-        verdicts = job.get_doc("verdicts", job.must(e, "verdicts", epoch_slot("all", attempt)))
+        verdicts = job.get_doc(job.must(e, Kind.VERDICTS, attempt=attempt), Kind.VERDICTS)
         for p in range(n):
-            if job.commitment(e, "score", epoch_slot(str(p), attempt)) is not None:
-                units[servers[validator_of(p, n)]] += 1
+            score_c = job.commitment(e, Kind.SCORE, p, 0, attempt)
+            validator = servers[validator_of(p, n)]
+            if score_c is not None and score_c.writer == validator:
+                done[validator].append(e)
             for s in range(job.n_stages):
-                slot = epoch_slot(f"{p}/{s}", attempt)
-                committed = all(job.commitment(e, k, slot) is not None for k in ("weights", "grad"))
+                mine = [job.commitment(e, k, p, s, attempt) for k in (Kind.WEIGHTS, Kind.GRAD)]
+                committed = all(c is not None and c.writer == trainers[(p, s)] for c in mine)
                 if trainer_earns(verdicts, p, s, committed):
-                    units[trainers[(p, s)]] += 1
-    return units
+                    done[trainers[(p, s)]].append(e)
+    return done
 
 
 def reward(job: Job) -> dict:
-    """Credit verified work, finish the ledger, settle: the contract pays everyone and refunds the rest."""
-    from tdml_core.chain.market import TRAINER
+    """Credit verified work epoch by epoch, finish the ledger, settle, and let everyone claim its pay."""
+    from tdml_core.chain.market import MAX_CREDIT_BATCH
 
-    client, m, ledger = job.people.client, job.market, job.ledger
-    if not ledger.finished:
-        servers = [s.address for s in job.people.servers]
-        trainers = {k: t.address for k, t in job.people.trainers.items()}
-        for address, units in work_done(job, servers, trainers).items():
-            owed = units - ledger.work(address)
-            if owed <= 0 or ledger.evicted(address):
+    client, m, ledger, task_id = job.people.client, job.market, job.ledger, job.job_id
+    servers = [s.address for s in job.people.servers]
+    trainers = {k: t.address for k, t in job.people.trainers.items()}
+    if not ledger.finished and not ledger.closed:
+        payer_of = {t.address: job.people.servers[p] for (p, _), t in job.people.trainers.items()}
+        for address, epochs in work_done(job, servers, trainers).items():
+            if ledger.evicted(address):
                 continue
-            if m.role(job.job_id, address) == TRAINER:
-                server = m.c.functions.server_of(job.job_id, address).call()
-                payer = next(s for s in job.people.servers if s.address == server)
-                ledger.credit(payer.account, address, owed)
-            else:
-                ledger.credit(client.account, address, owed)
+            owed = [e for e in epochs if not ledger.credited_for(address, e)]
+            payer = payer_of.get(address, job.people.client)
+            for i in range(0, len(owed), MAX_CREDIT_BATCH):
+                ledger.credit(payer.account, address, owed[i:i + MAX_CREDIT_BATCH])
         ledger.finish(client.account)
-    if not m.task(job.job_id)["settled"]:
-        m.settle(client.account, job.job_id)
-    budget = job.spec.protocol.budget_wei
+    if not m.task(task_id)["settled"]:
+        m.settle(client.account, task_id)
+    for who in job.people.everyone[1:]:  # each participant claims its own pay (and bond)
+        if not m.claimed(task_id, who.address) and (ledger.earned(who.address) or m.bonded(task_id, who.address)):
+            m.claim(who.account, task_id, who.address)
     rewards = {a: ledger.earned(a) for a in [p.address for p in job.people.everyone[1:]]}
-    return {"rewards": rewards, "refund_wei": budget - sum(rewards.values()),
+    budget = job.spec.protocol.budget_wei
+    refund = budget - budget * ledger.credited // ledger.planned_units
+    return {"rewards": rewards, "refund_wei": refund,
             "evicted": [f"{p}/{s}" for (p, s), t in sorted(job.people.trainers.items()) if ledger.evicted(t.address)]}

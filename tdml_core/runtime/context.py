@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tdml_core.config import JobSpec
+from tdml_core.config import JobSpec, SpecError
 from tdml_core.data import Dataset, load_dataset
 from tdml_core.model import BYTES_PER_VALUE, OPTIMIZER_STATES, StagePlan, build_model, plan_stages
 
@@ -49,8 +49,19 @@ def epoch_seed(spec: JobSpec, epoch: int, pipeline: int) -> int:
     return spec.seed * 1_000_003 + epoch * 1009 + pipeline
 
 
+def check_shards(spec: JobSpec, n_train: int) -> None:
+    """Every pipeline's shard (``data.shard``) must hold at least one full batch, or it trains on nothing."""
+    smallest = n_train // spec.data_parallel  # np.array_split: shards differ by at most one sample
+    if smallest < spec.batch_size:
+        raise SpecError(
+            f"batch_size ({spec.batch_size}) is larger than a pipeline's shard: {n_train} training samples "
+            f"/ data_parallel ({spec.data_parallel}) = {smallest} sample{'' if smallest == 1 else 's'} per shard; "
+            f"lower batch_size or data_parallel"
+        )
+
+
 def load_job(spec: JobSpec) -> tuple[Dataset, nn.Module]:
+    """The job's dataset and its seeded initial model; a spec the data cannot serve is refused here."""
     ds = load_dataset(spec.dataset, spec.seed)
-    if spec.data_parallel > len(ds.train_y):
-        raise ValueError(f"data_parallel ({spec.data_parallel}) exceeds the {len(ds.train_y)} training samples")
+    check_shards(spec, len(ds.train_y))
     return ds, new_model(spec, ds)

@@ -1,6 +1,6 @@
 """Content-addressed storage: local directory, IPFS node, S3 bucket."""
 
 from tdml_core.storage.cid import compute_cid
-from tdml_core.storage.store import ContentStore, IntegrityError, NotFound, StoreError, open_store
+from tdml_core.storage.store import ContentStore, IntegrityError, NotFound, StoreConfigError, StoreError, open_store
 
-__all__ = ["ContentStore", "IntegrityError", "NotFound", "StoreError", "compute_cid", "open_store"]
+__all__ = ["ContentStore", "IntegrityError", "NotFound", "StoreConfigError", "StoreError", "compute_cid", "open_store"]

@@ -24,6 +24,10 @@ class StoreError(RuntimeError):
     pass
 
 
+class StoreConfigError(StoreError):
+    """A store that cannot be used as configured: unknown scheme, no answer at the endpoint, credentials refused."""
+
+
 class IntegrityError(StoreError):
     """What the store returned does not match its content id."""
 
@@ -56,7 +60,10 @@ class LocalStore(ContentStore):
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreConfigError(f"local store {root}: cannot create the folder ({exc.strerror or exc})") from None
         self.url = f"local:{self.root}"
 
     def _path(self, cid: str) -> Path:
@@ -130,6 +137,15 @@ class IPFSStore(ContentStore):
         with warnings.catch_warnings():  # it warns about every daemon version it does not know
             warnings.simplefilter("ignore")
             self.client = ipfshttpclient.Client(f"/ip4/{host}/tcp/{port}/http", timeout=120)
+            try:  # fail now, with the address in the message, rather than at the first put
+                self.client.version(timeout=10)
+            except ipfshttpclient.exceptions.ConnectionError:
+                raise StoreConfigError(f"IPFS node {host}:{port}: no answer (connection refused or unreachable)") from None
+            except ipfshttpclient.exceptions.TimeoutError:
+                raise StoreConfigError(f"IPFS node {host}:{port}: no answer within 10 s") from None
+            except ipfshttpclient.exceptions.Error as exc:
+                raise StoreConfigError(f"IPFS node {host}:{port}: its RPC API refused a version query "
+                                       f"({_first_line(exc)})") from None
 
     def put(self, data: bytes) -> str:
         expected = compute_cid(data)
@@ -161,14 +177,30 @@ class S3Store(ContentStore):
 
     def __init__(self, bucket: str, endpoint: str | None, region: str = "us-east-1"):
         import boto3
+        from botocore.config import Config
 
         self.bucket = bucket
         self.url = f"s3://{bucket}" + (f"?endpoint={endpoint}" if endpoint else "")
-        self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region)
         try:
-            self.s3.head_bucket(Bucket=bucket)
-        except Exception:
-            self.s3.create_bucket(Bucket=bucket)
+            self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                                   config=Config(connect_timeout=10, retries={"mode": "standard", "max_attempts": 4}))
+            # one quick look first: an endpoint that is down or credentials that are refused say so at once,
+            # instead of after minutes of retries in the middle of a run
+            probe = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+                                 config=Config(connect_timeout=3, read_timeout=10,
+                                               retries={"mode": "standard", "total_max_attempts": 1}))
+        except ValueError as exc:  # botocore: "Invalid endpoint: ..."
+            raise StoreConfigError(f"{self.url}: {_first_line(exc)}") from None
+        self.endpoint = self.s3.meta.endpoint_url
+        try:
+            try:
+                probe.head_bucket(Bucket=bucket)
+            except Exception as exc:
+                if _s3_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                    raise
+                probe.create_bucket(Bucket=bucket)
+        except Exception as exc:
+            raise s3_error(exc, self.endpoint, bucket) from None
 
     def put(self, data: bytes) -> str:
         import io
@@ -196,6 +228,48 @@ class S3Store(ContentStore):
             return False
 
 
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def _s3_code(exc: BaseException) -> str | None:
+    response = getattr(exc, "response", None)
+    if not isinstance(response, dict):
+        return None
+    err = response.get("Error") or {}
+    code = err.get("Code")
+    if code:
+        return str(code)
+    status = (response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return None if status is None else str(status)
+
+
+_S3_CREDENTIAL_CODES = {"403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
+                        "ExpiredToken", "InvalidClientTokenId", "AuthorizationHeaderMalformed", "Forbidden"}
+
+
+def s3_error(exc: BaseException, endpoint: str, bucket: str) -> StoreError:
+    """botocore's error when first reaching a bucket, as one line naming the endpoint and the problem."""
+    from botocore import exceptions as bce
+
+    where = f"S3 endpoint {endpoint}, bucket {bucket!r}"
+    if isinstance(exc, (bce.EndpointConnectionError, bce.ConnectTimeoutError, bce.ReadTimeoutError)):
+        return StoreConfigError(f"{where}: no answer ({_first_line(exc)})")
+    if isinstance(exc, bce.NoCredentialsError):
+        return StoreConfigError(f"{where}: no credentials; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                                "(or AWS_PROFILE)")
+    if isinstance(exc, (bce.PartialCredentialsError, bce.ParamValidationError)):
+        return StoreConfigError(f"{where}: {_first_line(exc)}")
+    if isinstance(exc, bce.ClientError):
+        code = _s3_code(exc)
+        if code in _S3_CREDENTIAL_CODES:
+            return StoreConfigError(f"{where}: credentials refused ({code}); check AWS_ACCESS_KEY_ID and "
+                                    "AWS_SECRET_ACCESS_KEY, and their rights on the bucket")
+        return StoreConfigError(f"{where}: {_first_line(exc)}")
+    return StoreError(f"{where}: {type(exc).__name__}: {_first_line(exc)}")
+
+
 def open_store(url: str) -> ContentStore:
     """``local:PATH``, ``ipfs://HOST:PORT`` or ``s3://BUCKET?endpoint=URL``."""
     if url.startswith("local:"):
@@ -203,11 +277,11 @@ def open_store(url: str) -> ContentStore:
     parsed = urlparse(url)
     if parsed.scheme == "ipfs":
         if not parsed.hostname or not parsed.port:
-            raise StoreError(f"{url}: expected ipfs://HOST:PORT")
+            raise StoreConfigError(f"{url}: expected ipfs://HOST:PORT")
         return IPFSStore(parsed.hostname, parsed.port)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise StoreError(f"{url}: expected s3://BUCKET?endpoint=URL")
+            raise StoreConfigError(f"{url}: expected s3://BUCKET?endpoint=URL")
         endpoint = parse_qs(parsed.query).get("endpoint", [None])[0]
         return S3Store(parsed.netloc, endpoint)
-    raise StoreError(f"unknown store {url!r}: use local:PATH, ipfs://HOST:PORT or s3://BUCKET?endpoint=URL")
+    raise StoreConfigError(f"unknown store {url!r}: use local:PATH, ipfs://HOST:PORT or s3://BUCKET?endpoint=URL")
