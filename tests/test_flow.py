@@ -174,24 +174,6 @@ def test_a_step_that_fails_once_is_retried_and_the_run_completes(tmp_path):
     assert "audit" not in _quiet_audit(tmp_path / "run")[-1]  # passes: no exception
 
 
-def test_a_killed_run_resumes_and_trains_only_the_remaining_epochs(tmp_path):
-    spec, out = _spec(tmp_path, epochs=4), tmp_path / "run"
-
-    killed = tdml("run", spec, "--out", out, env_extra={"TDML_TEST_KILL_AFTER_EPOCH": "2"}, start_new_session=True)
-    assert killed.returncode == -signal.SIGKILL
-    before = json.loads((out / "summary.json").read_text())
-    assert before["status"] == "running" and [e["epoch"] for e in before["epochs"]] == [0, 1]
-
-    resumed = tdml("run", spec, "--out", out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    data = json.loads((out / "summary.json").read_text())
-    assert data["resumed_from"] == 2 and data["trained_epochs"] == [2, 3]
-    assert [e["epoch"] for e in data["epochs"]] == [0, 1, 2, 3]
-    assert all(e["attempt"] == 0 for e in data["epochs"])  # no epoch was started twice
-    assert JobRef.load(out).job_id == before["job_id"] == data["job_id"]
-    _quiet_audit(out)
-
-
 def test_a_run_on_a_real_node_and_s3_passes_its_audit(tmp_path, anvil_url, s3_endpoint):
     out = tmp_path / "run"
     done = tdml("run", _spec(tmp_path, epochs=1), "--out", out, "--chain", anvil_url,
@@ -352,28 +334,35 @@ def test_a_damaged_run_folder_fails_the_audit_in_one_line(finished_run, tmp_path
 
 # -- money survives crashes -------------------------------------------------------------------------------------------
 def test_a_run_killed_after_each_money_moving_transaction_resumes_to_one_correct_settlement(tmp_path):
-    """Killed right after publishTask, openLedger, the first credit and settle, and resumed each time."""
+    """Killed right after publishTask, openLedger, the first global model, the first credit and settle;
+    resumed each time: one task, no epoch trained twice, one settlement, everyone paid once, the audit passes."""
     from tdml_core.chain import Chain
     from tdml_core.chain.market import MarketClient
 
-    spec, out = _spec(tmp_path, epochs=1), tmp_path / "run"
-    first = True
-    for tx in ["publishTask", "openLedger", "credit", "settle"]:
-        args = ["run", spec, "--out", out] + ([] if first else ["--resume"])
-        killed = tdml(*args, env_extra={"TDML_TEST_KILL_AFTER_TX": tx}, start_new_session=True)
-        assert killed.returncode == -signal.SIGKILL, f"{tx}: {killed.stderr[-2000:]}"
-        first = False
+    spec, out = _spec(tmp_path, epochs=2), tmp_path / "run"
+    kills = [("TDML_TEST_KILL_AFTER_TX", "publishTask"), ("TDML_TEST_KILL_AFTER_TX", "openLedger"),
+             ("TDML_TEST_KILL_AFTER_EPOCH", "1"), ("TDML_TEST_KILL_AFTER_TX", "credit"),
+             ("TDML_TEST_KILL_AFTER_TX", "settle")]
+    for i, (hook, at) in enumerate(kills):
+        args = ["run", spec, "--out", out] + (["--resume"] if i else [])
+        killed = tdml(*args, env_extra={hook: at}, start_new_session=True)
+        assert killed.returncode == -signal.SIGKILL, f"{at}: {killed.stderr[-2000:]}"
+        if hook == "TDML_TEST_KILL_AFTER_EPOCH":
+            before = json.loads((out / "summary.json").read_text())
+            assert before["status"] == "running" and [e["epoch"] for e in before["epochs"]] == [0]
+        if at == "credit":  # the run after the epoch kill trained only the epoch that was left
+            assert json.loads((out / "summary.json").read_text())["trained_epochs"] == [1]
     resumed = tdml("run", spec, "--out", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     data = json.loads((out / "summary.json").read_text())
-    assert data["status"] == "finished" and data["resumed_from"] == 1 and [e["epoch"] for e in data["epochs"]] == [0]
-    assert set(data["rewards"].values()) == {BUDGET // 6}
+    assert data["status"] == "finished" and data["resumed_from"] == 2
+    assert [e["epoch"] for e in data["epochs"]] == [0, 1] and all(e["attempt"] == 0 for e in data["epochs"])
+    assert set(data["rewards"].values()) == {BUDGET * 2 // 12}
     ref = JobRef.load(out)
-    chain = Chain("embedded", journal=out / "chain.jsonl")
-    market = MarketClient(chain, ref.market)
+    market = MarketClient(Chain("embedded", journal=out / "chain.jsonl"), ref.market)
     assert market.c.functions.task_count().call() == 1  # published once
     task = market.task(ref.job_id)
     assert task["settled"] and task["ledger"] == ref.ledger
-    assert market.escrowed == BUDGET - 6 * (BUDGET // 6)  # only the rounding dust is left
+    assert market.escrowed == BUDGET - 6 * (BUDGET * 2 // 12)  # only the rounding dust is left
     _quiet_audit(out)
