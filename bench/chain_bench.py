@@ -3,13 +3,15 @@
     python bench/chain_bench.py [--txs 200]
 
 Starts anvil with infra/anvil.sh (unless TDML_ANVIL_URL is set), runs one whole
-job's contract calls on each backend, then sends --txs signed ledger commits
-and times them.
+job's contract calls on each backend (publish, hire, open the ledger, one epoch's
+commits, credit, evict, replace, finish, settle, claim), then sends --txs signed
+ledger commits and times them.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import subprocess
 import sys
@@ -24,56 +26,83 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tdml_core.chain import Chain, MarketClient  # noqa: E402
+from tdml_core.chain.market import Kind, Slot  # noqa: E402
 
 ETH = 10**18
+BOND = 10**15
+CID = "bafybeiacar55miutwskxzrxgkwc5lpg7exkoadseotw2nvu54haczvantq"
+DIGEST = bytes(32)
+
+
+def _key(who) -> bytes:
+    """A stand-in X25519 public key (fixed bytes, so both chains price the calldata alike)."""
+    return hashlib.sha256(who.address.encode()).digest()
+
+
+def _publish(chain: Chain, m: MarketClient, client, name: str, splits: int, stages: int, epochs: int):
+    salt = hashlib.sha256(name.encode()).digest()
+    return m.publish_task(client, salt, name, ETH, splits=splits, stages=stages, epochs=epochs,
+                          deadline=chain.timestamp() + 3600, pubkey=_key(client), bond_wei=BOND)
 
 
 def job_gas(chain: Chain) -> dict[str, list[int]]:
+    """One whole job of one pipeline with two stages (and a standby trainer), each call's gas."""
     gas: dict[str, list[int]] = defaultdict(list)
-    client, ps, t0, t1 = (Account.create() for _ in range(4))
-    for a in (client, ps, t0, t1):
+    client, ps, t0, t1, t2 = (Account.create() for _ in range(5))
+    for a in (client, ps, t0, t1, t2):
         chain.fund(a.address, 100 * ETH)
     blueprint, s = chain.deploy(client, "Ledger", blueprint=True)
     gas["deploy Ledger blueprint"].append(s.gas_used)
     addr, s = chain.deploy(client, "Market", blueprint)
     gas["deploy Market"].append(s.gas_used)
     m = MarketClient(chain, addr)
-    task, s = m.publish_task(client, "bench", ETH, 1, 1, 1)
+    task, s = _publish(chain, m, client, "bench", 1, 2, 1)
     gas["publishTask"].append(s.gas_used)
-    gas["register"].append(m.register(ps, 10**9, 4).gas_used)
-    gas["hireServers"].append(m.hire_servers(client, task, [ps.address]).gas_used)
+    gas["register"].append(m.register(ps, task, 10**9, 4, _key(ps), BOND).gas_used)
+    gas["hireServers (1 server)"].append(m.hire_servers(client, task, [ps.address]).gas_used)
     gas["postTrainerHiring"].append(m.post_trainer_hiring(ps, task, 2, 0).gas_used)
-    for t in (t0, t1):
-        gas["offerTrainer"].append(m.offer_trainer(t, task, ps.address, 10**9, 2).gas_used)
-    gas["hireTrainers"].append(m.hire_trainers(ps, task, [t0.address, t1.address]).gas_used)
-    ledger, s = m.open_ledger(client, task, 10)
-    gas["openLedger"].append(s.gas_used)
-    cid = "bafybeiacar55miutwskxzrxgkwc5lpg7exkoadseotw2nvu54haczvantq"
-    gas["commit"].append(ledger.commit(t0, 0, "grad", "0/0", cid, bytes(32)).gas_used)
-    gas["commit"].append(ledger.commit(ps, 0, "global", "-", cid, bytes(32)).gas_used)
-    gas["credit"].append(ledger.credit(client, ps.address, 2).gas_used)
-    gas["credit"].append(ledger.credit(ps, t0.address, 2).gas_used)
-    ledger.credit(ps, t1.address, 1)
+    for t in (t0, t1, t2):
+        gas["offerTrainer"].append(m.offer_trainer(t, task, ps.address, 10**9, 2, _key(t), BOND).gas_used)
+    gas["hireTrainers (2 trainers)"].append(m.hire_trainers(ps, task, [t0.address, t1.address], [0, 1]).gas_used)
+    ledger, s = m.open_ledger(client, task)
+    gas["openLedger (makes the ledger)"].append(s.gas_used)
+    commits = [(client, Slot(0, Kind.SPEC)), (ps, Slot(0, Kind.PLAN)), (client, Slot(0, Kind.DATA_KEY, 0, 0)),
+               (ps, Slot(0, Kind.TRAINER_KEYS, 0, 0)), (ps, Slot(0, Kind.ATTEMPT)), (ps, Slot(0, Kind.STAGE)),
+               (t0, Slot(0, Kind.WEIGHTS, 0, 0)), (t0, Slot(0, Kind.GRAD, 0, 0)),
+               (t1, Slot(0, Kind.WEIGHTS, 0, 1)), (t1, Slot(0, Kind.GRAD, 0, 1)),
+               (ps, Slot(0, Kind.SCORE)), (ps, Slot(0, Kind.VERDICTS)), (ps, Slot(0, Kind.GLOBAL))]
+    for who, slot in commits:
+        gas["commit"].append(ledger.commit(who, slot, CID, DIGEST).gas_used)
+    gas["credit (1 epoch)"].append(ledger.credit(client, ps.address, [0]).gas_used)
+    gas["credit (1 epoch)"].append(ledger.credit(ps, t0.address, [0]).gas_used)
+    ledger.credit(ps, t1.address, [0])
     gas["evict"].append(ledger.evict(ps, t1.address, 0, "gradient outlier").gas_used)
+    gas["replaceTrainer"].append(m.replace_trainer(ps, task, t1.address, t2.address).gas_used)
     gas["finish"].append(ledger.finish(client).gas_used)
-    gas["settle (2 paid, 1 refund)"].append(m.settle(client, task).gas_used)
-    return gas, ledger, t0
+    gas["settle (refund)"].append(m.settle(client, task).gas_used)
+    for who in (ps, t0, t1, t2):  # earnings and bond, bond alone (evicted), bond alone (standby, no work)
+        gas["claim"].append(m.claim(client, task, who.address).gas_used)
+    return gas
 
 
-def tx_rate(chain: Chain, ledger, writer, n: int) -> float:
-    cid = "bafkreibm6jg3ux5qumhcn2b3flc3tyu6dmlb4xa7u5bf44yegnrjhc4yeq"
-    # a fresh ledger-writer run: commits need an unfinished ledger, so use a new job
-    client, ps = Account.create(), Account.create()
-    for a in (client, ps):
+def tx_rate(chain: Chain, n: int) -> float:
+    """Signed commits by one writer, each waited for: the aggregator's attempt, verdicts and global model
+    of epoch after epoch of a fresh one-pipeline job."""
+    client, ps, t = Account.create(), Account.create(), Account.create()
+    for a in (client, ps, t):
         chain.fund(a.address, 100 * ETH)
     m = MarketClient.deploy(chain, client)
-    task, _ = m.publish_task(client, "rate", ETH, 1, 1, 1)
-    m.register(ps, 1, 1)
+    task, _ = _publish(chain, m, client, "rate", 1, 1, n // 3 + 1)
+    m.register(ps, task, 1, 1, _key(ps), BOND)
     m.hire_servers(client, task, [ps.address])
-    led, _ = m.open_ledger(client, task, 1)
+    m.post_trainer_hiring(ps, task, 1, 0)
+    m.offer_trainer(t, task, ps.address, 1, 1, _key(t), BOND)
+    m.hire_trainers(ps, task, [t.address], [0])
+    led, _ = m.open_ledger(client, task)
+    cycle = (Kind.ATTEMPT, Kind.VERDICTS, Kind.GLOBAL)
     t0 = time.perf_counter()
     for i in range(n):
-        led.commit(ps, i, "grad", "0/0", cid, bytes(32))
+        led.commit(ps, Slot(i // 3, cycle[i % 3]), CID, DIGEST)
     return n / (time.perf_counter() - t0)
 
 
@@ -120,14 +149,12 @@ def main() -> None:
     try:
         results = {}
         for name, chain in (("embedded", Chain("embedded")), ("anvil", Chain(url))):
-            gas, ledger, writer = job_gas(chain)
-            results[name] = (gas, tx_rate(chain, ledger, writer, args.txs))
+            results[name] = (job_gas(chain), tx_rate(chain, args.txs))
         gas_e, rate_e = results["embedded"]
         gas_a, rate_a = results["anvil"]
         print(f"{'call':32} {'gas (embedded)':>16} {'gas (anvil)':>12}")
         for call in gas_e:
-            fmt = lambda v: "/".join(str(g) for g in sorted(set(v)))  # noqa: E731
-            print(f"{call:32} {fmt(gas_e[call]):>16} {fmt(gas_a[call]):>12}")
+            print(f"{call:32} {_fmt(gas_e[call]):>16} {_fmt(gas_a[call]):>12}")
         print()
         print(f"signed ledger commits per second ({args.txs} sent, each waited for its receipt):")
         print(f"  embedded EVM (py-evm)  {rate_e:8.1f} tx/s")
@@ -140,6 +167,12 @@ def main() -> None:
     finally:
         if pidfile:
             subprocess.run([str(ROOT / "infra/anvil.sh"), "stop", str(pidfile)])
+
+
+def _fmt(gas: list[int]) -> str:
+    """One call's gas: its values when they are one or two, else their range."""
+    values = sorted(set(gas))
+    return "/".join(map(str, values)) if len(values) <= 2 else f"{values[0]}-{values[-1]}"
 
 
 def _has_coincurve() -> bool:

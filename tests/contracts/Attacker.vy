@@ -1,42 +1,43 @@
 # pragma version ~=0.4.3
 # pragma evm-version cancun
-# A trainer that tries to re-enter the market when it is paid.
-
-interface Market:
-    def settle(task_id: uint256): nonpayable
-    def withdraw(): nonpayable
-    def offerTrainer(task_id: uint256, server: address, memory: uint256, cpus: uint256): nonpayable
+"""
+A participant that is a contract: it acts through `execute` (offers, commits), and when the
+market pays it, it accepts (mode 0), refuses (mode 1), or calls the market again with
+`reentry` before accepting (mode 2), counting whether that call got through.
+"""
 
 market: public(address)
-task_id: public(uint256)
-mode: public(uint256)  # 0 accept, 1 re-enter settle, 2 re-enter withdraw
+mode: public(uint256)
+reentry: public(Bytes[1024])
+reentered: public(uint256)  # calls back into the market that succeeded
+blocked: public(uint256)  # calls back into the market that were refused
 
 
 @deploy
-def __init__(market: address, task_id: uint256):
+def __init__(market: address):
     self.market = market
-    self.task_id = task_id
 
 
 @external
-def offer(server: address):
-    extcall Market(self.market).offerTrainer(self.task_id, server, 10**9, 4)
+@payable
+def execute(target: address, data: Bytes[1024]):
+    raw_call(target, data, value=msg.value)
 
 
 @external
-def arm(mode: uint256):
+def arm(mode: uint256, reentry: Bytes[1024]):
     self.mode = mode
-
-
-@external
-def pull():
-    extcall Market(self.market).withdraw()
+    self.reentry = reentry
 
 
 @external
 @payable
 def __default__():
     if self.mode == 1:
-        extcall Market(self.market).settle(self.task_id)
-    elif self.mode == 2:
-        extcall Market(self.market).withdraw()
+        raise "refused"
+    if self.mode == 2:
+        ok: bool = raw_call(self.market, self.reentry, revert_on_failure=False)
+        if ok:
+            self.reentered += 1
+        else:
+            self.blocked += 1
