@@ -20,7 +20,7 @@ start() {
   local pidfile="$1"
   install
   local port; port="$(free_port)"
-  "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 \
+  "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 --max-persisted-states 0 \
     > "$pidfile.log" 2>&1 &
   echo $! > "$pidfile"
   wait_until "$pidfile" "anvil on port $port" answers "$port"
