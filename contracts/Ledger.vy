@@ -142,11 +142,11 @@ def _owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attem
             assert stage == 0, "a pipeline's slot has stage 0"
         elif kind == SPEC or kind == CLIENT_KEYS or kind == EVAL or kind == K_INIT:
             assert pipeline == 0 and stage == 0, "a job's slot has pipeline 0, stage 0"
-        if kind == PLAN or kind == TRAINER_KEYS:
-            return self._server_at(pipeline)
         if kind == DATA_KEY or kind == TRAINER_KEYS:
             assert staticcall Market(self.market).holder(self.task_id, pipeline, stage) != empty(address), \
                 "stage not hired"
+        if kind == PLAN or kind == TRAINER_KEYS:
+            return self._server_at(pipeline)
         return self.client
     assert epoch < self.epochs, "beyond the job's epochs"
     assert epoch >= self.global_epochs, "epoch already has its global model"
@@ -240,6 +240,7 @@ def evict(trainer: address, epoch: uint256, reason: String[100]):
     server: address = staticcall Market(self.market).server_of(self.task_id, trainer)
     assert msg.sender == server or msg.sender == self.client, "only its server or the client"
     assert not self.evicted[trainer], "already evicted"
+    assert epoch < self.epochs, "beyond the job's epochs"
     self.evicted[trainer] = True
     self.credited -= self.work[trainer]
     self.work[trainer] = 0

@@ -147,7 +147,7 @@ def __init__(blueprint: address):
 def publishTask(salt: bytes32, name: String[64], min_memory: uint256, min_cpus: uint256, splits: uint256,
                 stages: uint256, epochs: uint256, deadline: uint256, bond: uint256, pubkey: bytes32) -> uint256:
     assert msg.value > 0, "no budget"
-    assert splits > 0 and splits <= MAX_PIPELINES, "splits out of range"
+    assert splits >= 2 and splits <= MAX_PIPELINES, "splits out of range"  # pipeline P is scored by the server of P+1
     assert stages > 0 and stages <= MAX_STAGES, "stages out of range"
     assert epochs > 0, "no epochs"
     assert deadline > block.timestamp, "deadline passed"

@@ -102,6 +102,13 @@ class JobSpec(_Strict):
     stage_timeout_s: float = Field(default=120.0, gt=0)  # a stage silent this long fails the epoch
     protocol: ProtocolSpec = ProtocolSpec()  # used by ``tdml run`` only
 
+    @field_validator("data_parallel")
+    @classmethod
+    def _two_pipelines(cls, v):
+        if v < 2:
+            raise ValueError("must be at least 2: each pipeline's local model is scored by another pipeline's server")
+        return v
+
     @field_validator("stages")
     @classmethod
     def _stages_positive(cls, v):

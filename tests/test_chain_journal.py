@@ -32,7 +32,7 @@ def test_rules_on_time_replay_as_they_ran(tmp_path):
     for a in (client, stranger):
         chain.fund(a.address, 10**18)
     market = MarketClient.deploy(chain, client)
-    task_id, _ = market.publish_task(client, bytes(32), "job", 10**17, splits=1, stages=1, epochs=1,
+    task_id, _ = market.publish_task(client, bytes(32), "job", 10**17, splits=2, stages=1, epochs=1,
                                      deadline=chain.timestamp() + 3600, pubkey=bytes(32))
     with pytest.raises(ChainError, match="only the client before the deadline"):
         market.settle(stranger, task_id)

@@ -31,6 +31,7 @@ def test_plan_prints_stages_and_trainers(tmp_path):
     [
         ("top_k: 3\ndata_parallel: 2\n", "top_k (3) must not exceed data_parallel (2)"),
         ("learning_rate: 0.1\n", "learning_rate: unknown field"),
+        ("data_parallel: 1\ntop_k: 1\n", "data_parallel: must be at least 2"),
         ("stages: 2\ntrainers: [{name: t, memory_bytes: 10}, {name: u, memory_bytes: 10}]\n", "too small"),
         ("model: nowhere.module:make\n", "cannot import 'nowhere.module'"),
     ],

@@ -220,6 +220,12 @@ class MarketClient:
     def server_at(self, task_id: int, pipeline: int) -> str:
         return self.c.functions.server_at(task_id, pipeline).call()
 
+    def pipeline_of(self, task_id: int, who: str) -> int:
+        return self.c.functions.pipeline_of(task_id, who).call()
+
+    def stage_of(self, task_id: int, who: str) -> int:
+        return self.c.functions.stage_of(task_id, who).call()
+
     def holder(self, task_id: int, pipeline: int, stage: int) -> str:
         return self.c.functions.holder(task_id, pipeline, stage).call()
 

@@ -26,7 +26,7 @@ from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
 from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, forget_chain, spec_from_doc
 from tdml_core.protocol.keys import role_of
-from tdml_core.protocol.rewards import payout, planned_units, validator_of
+from tdml_core.protocol.rewards import payout, planned_units, refund, validator_of
 from tdml_core.robust.aggregate import average_states
 from tdml_core.robust.detect import score_outliers
 from tdml_core.runtime.context import make_plan
@@ -120,8 +120,8 @@ class Auditor:
         m, task_id, n = self.job.market, self.job.job_id, self.task["splits"]
         kind = slot.kind
         if kind in (Kind.WEIGHTS, Kind.GRAD):  # a replacement holds the slot after an eviction
-            if (m.role(task_id, writer) == TRAINER and m.c.functions.pipeline_of(task_id, writer).call() == slot.pipeline
-                    and m.c.functions.stage_of(task_id, writer).call() == slot.stage):
+            if (m.role(task_id, writer) == TRAINER and m.pipeline_of(task_id, writer) == slot.pipeline
+                    and m.stage_of(task_id, writer) == slot.stage):
                 return None
             return m.holder(task_id, slot.pipeline, slot.stage)
         if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
@@ -286,7 +286,7 @@ class Auditor:
                 self.fail(f"{address} was paid {paid.get(address, 0)} wei; the rule gives "
                           f"{self.rewards[address]} and its bond {bond}")
         credited = sum(len(e) for e in done.values())
-        self.refund = budget - budget * credited // planned
+        self.refund = refund(budget, credited, planned)
         if paid.get(client, 0) != self.refund:
             self.fail(f"the client was refunded {paid.get(client, 0)} wei; the rule gives {self.refund}")
         self.ok(f"rewards: {len(done)} participants paid budget x units / {planned} as the contract's rule gives; "

@@ -30,3 +30,8 @@ def trainer_earns(epoch_verdicts: dict, pipeline: int, stage: int, committed: bo
 def payout(budget: int, units: int, planned: int) -> int:
     """The contract's rule: budget · units / planned_units, rounded down."""
     return budget * units // planned
+
+
+def refund(budget: int, credited: int, planned: int) -> int:
+    """The contract's settlement rule: what the credited units do not earn goes back to the client."""
+    return budget - budget * credited // planned

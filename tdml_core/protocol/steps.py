@@ -25,7 +25,7 @@ from tdml_core.model import split_model
 from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.protocol.job import GAS_FUNDS_WEI, Job, JobRef, ProtocolError, load_participants
 from tdml_core.protocol.keys import JobKeys
-from tdml_core.protocol.rewards import trainer_earns, validator_of
+from tdml_core.protocol.rewards import refund, trainer_earns, validator_of
 from tdml_core.robust.aggregate import average_states, select_top_k
 from tdml_core.robust.detect import gradient_stage, score_stage
 from tdml_core.robust.validate import evaluate
@@ -453,6 +453,5 @@ def reward(job: Job) -> dict:
             m.claim(who.account, task_id, who.address)
     rewards = {a: ledger.earned(a) for a in [p.address for p in job.people.everyone[1:]]}
     budget = job.spec.protocol.budget_wei
-    refund = budget - budget * ledger.credited // ledger.planned_units
-    return {"rewards": rewards, "refund_wei": refund,
+    return {"rewards": rewards, "refund_wei": refund(budget, ledger.credited, ledger.planned_units),
             "evicted": [f"{p}/{s}" for (p, s), t in sorted(job.people.trainers.items()) if ledger.evicted(t.address)]}
