@@ -137,7 +137,9 @@ def _owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attem
     assert pipeline < self.splits, "no such pipeline"
     assert stage < self.stages, "no such stage"
     if kind < ATTEMPT:
-        assert epoch == 0 and attempt == 0, "set-up is committed at epoch 0"
+        # a trainer's keys are sealed again to each replacement: `attempt` numbers the slot's holders
+        assert epoch == 0 and (attempt == 0 or ((kind == DATA_KEY or kind == TRAINER_KEYS) and attempt < MAX_ATTEMPTS)), \
+            "set-up is committed at epoch 0"
         if kind == SERVER_KEYS or kind == DATA or kind == PLAN:
             assert stage == 0, "a pipeline's slot has stage 0"
         elif kind == SPEC or kind == CLIENT_KEYS or kind == EVAL or kind == K_INIT:

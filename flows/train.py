@@ -8,8 +8,9 @@
     per epoch:
     6. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; trainers commit digests
     7. cross-validate          the next server round the ring scores each local model, commits the score
-    8. detect                  score stage (gradient stage to come); verdicts, evictions on the ledger
-    9. aggregate               top-K average, global model committed, staged for the next epoch
+    8. detect                  score stage, then the update stage per layer; verdicts, evictions on the ledger
+       replace evicted         the evicted trainer's server hires a standby and seals it the keys
+    9. aggregate               the spec's rule (top-K average by default) over the unflagged local models
     10. reward                 credit each epoch's verified work, finish, settle, everyone claims its pay
 
 A run that stops resumes from the last global model on the ledger (``resume=True``).
@@ -29,12 +30,12 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from flows.pipeline_epoch import dispatch
 from tasks.protocol import (
     aggregate, cross_validate, detect, hire_parameter_servers, hire_trainers, key_exchange, open_run, publish_task,
-    reward, shard_model, start_epoch,
+    replace_evicted, reward, shard_model, start_epoch,
 )
 from tdml_core.config import load_spec
 from tdml_core.protocol.job import Job, forget_job, remember_job
 from tdml_core.protocol.rewards import validator_of
-from tdml_core.report import epoch_table, markdown_summary, plot_epochs, png_data_url, write_summary
+from tdml_core.report import epoch_table, markdown_summary, plot_epochs, plot_verdicts, png_data_url, write_summary
 
 # Called with each finished epoch's record (the command's progress display listens here).
 EPOCH_LISTENERS: list[Callable[[dict], None]] = []
@@ -86,6 +87,18 @@ class RunLog:
         )
         for listen in EPOCH_LISTENERS:
             listen(record)
+
+    def verdicts(self, doc: dict) -> None:
+        """A picture of the updates the detector saw, for an epoch that flagged someone."""
+        if not any(v["flagged"] for v in doc["verdicts"]):
+            return
+        png = plot_verdicts(doc, self.job.out / f"verdicts-epoch-{doc['epoch'] + 1}.png",
+                            f"{self.job.spec.name}, epoch {doc['epoch'] + 1}: trainers' updates (red: flagged)")
+        if png is not None:
+            flagged = ", ".join(v["slot"] + (" (evicted)" if v["malicious"] else "") for v in doc["verdicts"]
+                                if v["flagged"])
+            create_image_artifact(image_url=png_data_url(png), key=f"tdml-job-{self.job.job_id}-verdicts-{doc['epoch']}",
+                                  description=f"epoch {doc['epoch'] + 1}: flagged {flagged}")
 
     def finish(self, paid: dict) -> dict:
         data = self._write("finished", **paid)
@@ -155,27 +168,33 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
         key_exchange(job)
         shard_model(job)
         log = RunLog(job, t0)
-        pipelines = range(spec.data_parallel)
         spec_doc = spec.model_dump(mode="json")
+        from tdml_core.protocol.steps import dropped_pipelines
         for epoch in range(job.ledger.global_epochs, spec.epochs):
+            dropped = dropped_pipelines(job)
+            pipelines = [p for p in range(spec.data_parallel) if p not in dropped]
             times = {}
             t = time.perf_counter()
             attempt = start_epoch(job, epoch)
             _stage_kill_hook(job, epoch)
             times["start epoch"], t = time.perf_counter() - t, time.perf_counter()
-            trained = [f.result() for f in [
-                dispatch.submit(spec_doc, job.ref.out_dir, p, epoch, attempt, spec.protocol.pipeline_pool)
-                for p in pipelines]]
+            futures = {p: dispatch.submit(spec_doc, job.ref.out_dir, p, epoch, attempt, spec.protocol.pipeline_pool)
+                       for p in pipelines}
+            trained = {p: f.result() for p, f in futures.items()}
             times["train epoch"], t = time.perf_counter() - t, time.perf_counter()
-            scores = [f.result() for f in [cross_validate.submit(job, p, epoch, attempt) for p in pipelines]]
+            futures = {p: cross_validate.submit(job, p, epoch, attempt) for p in pipelines}
+            scores = [futures[p].result() if p in futures else None for p in range(spec.data_parallel)]
             times["cross-validate"], t = time.perf_counter() - t, time.perf_counter()
             verdicts = detect(job, epoch, attempt, scores)
             times["detect"], t = time.perf_counter() - t, time.perf_counter()
+            replaced = replace_evicted(job, verdicts)
+            times["replace evicted"], t = time.perf_counter() - t, time.perf_counter()
             result = aggregate(job, epoch, attempt, scores, verdicts)
             times["aggregate"] = time.perf_counter() - t
             t = time.perf_counter()
-            record = _record(job, epoch, attempt, trained, scores, verdicts, result, times)
+            record = _record(job, epoch, attempt, trained, scores, verdicts, result, times, replaced)
             log.epoch(record)
+            log.verdicts(verdicts)
             times["report"] = time.perf_counter() - t  # lands in summary.json with the next write
             record["wall_s"] = sum(times.values())
             _kill_hook(epoch)
@@ -187,8 +206,8 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
         forget_job(job.ref.out_dir)
 
 
-def _record(job: Job, epoch: int, attempt: int, trained: list, scores: list, verdicts: dict, result: dict,
-            times: dict) -> dict:
+def _record(job: Job, epoch: int, attempt: int, trained: dict, scores: list, verdicts: dict, result: dict,
+            times: dict, replaced: list | None = None) -> dict:
     n = job.spec.data_parallel
     return {
         "epoch": epoch,
@@ -197,16 +216,20 @@ def _record(job: Job, epoch: int, attempt: int, trained: list, scores: list, ver
         "global_loss": result["global_loss"],
         "global_model_cid": result["global_model_cid"],
         "local": [
-            {"pipeline": p, "accuracy": sc["accuracy"], "loss": sc["loss"], "train_loss": tr.get("train_loss"),
+            {"pipeline": p, "accuracy": sc["accuracy"], "loss": sc["loss"], "train_loss": trained[p].get("train_loss"),
              "validator": job.people.servers[validator_of(p, n)].address, "flagged": verdicts["flagged"][p],
              "selected": p in result["chosen"]}
-            for p, (sc, tr) in enumerate(zip(scores, trained))
+            for p, sc in enumerate(scores) if sc is not None
         ],
-        "verdicts": verdicts["verdicts"],
-        "restarted": [slot for tr in trained for slot in tr.get("restarted", [])],  # trainers started afresh
-        "failures": [f for tr in trained for f in tr.get("failures", [])],
+        "dropped": [p for p, sc in enumerate(scores) if sc is None],
+        "aggregation": result["rule"],
+        "detection": verdicts.get("stage2", ""),
+        "verdicts": [{k: v for k, v in d.items() if k != "evidence"} for d in verdicts["verdicts"]],
+        "replaced": replaced or [],
+        "restarted": [slot for tr in trained.values() for slot in tr.get("restarted", [])],  # trainers started afresh
+        "failures": [f for tr in trained.values() for f in tr.get("failures", [])],
         "steps_s": times,
-        "trainers_s": {str(tr["pipeline"]): {k: tr[k] for k in ("startup_s", "train_s", "commit_s") if k in tr}
-                       for tr in trained},
+        "trainers_s": {str(p): {k: tr[k] for k in ("startup_s", "train_s", "commit_s") if k in tr}
+                       for p, tr in trained.items()},
         "wall_s": sum(times.values()),
     }

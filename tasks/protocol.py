@@ -56,6 +56,11 @@ def detect(job, epoch: int, attempt: int, scores: list[dict]) -> dict:
     return steps.detect(job, epoch, attempt, scores)
 
 
+@step("replace evicted")
+def replace_evicted(job, verdicts: dict) -> list[dict]:
+    return steps.replace_evicted(job, verdicts)
+
+
 @step("aggregate")
 def aggregate(job, epoch: int, attempt: int, scores: list[dict], verdicts: dict) -> dict:
     return steps.aggregate(job, epoch, attempt, scores, verdicts)

@@ -52,6 +52,68 @@ class DatasetSpec(_Strict):
         return self
 
 
+ATTACK_KINDS = ("gaussian", "zero_gradient", "mean_shift", "sign_flip", "alie", "ipm", "label_flip", "scaled")
+
+
+class AttackSpec(_Strict):
+    """A dishonest trainer, simulated inside that trainer's own stage process (see ``tdml_core.attacks``).
+
+    ``scale`` is the attack's one strength parameter; None takes the kind's default:
+    gaussian σ (√200), mean_shift and alie z (1.5 and Baruch et al.'s z_max), sign_flip
+    and scaled factor (1 and 10), ipm ε (0.5); zero_gradient and label_flip have none.
+    """
+
+    slot: str  # "PIPELINE/STAGE"
+    kind: Literal[ATTACK_KINDS]  # type: ignore[valid-type]
+    from_epoch: int = Field(default=0, ge=0)
+    scale: float | None = Field(default=None, gt=0)
+
+    @field_validator("slot")
+    @classmethod
+    def _slot_shape(cls, v: str) -> str:
+        p, sep, s = v.partition("/")
+        if not (sep and p.isdigit() and s.isdigit()):
+            raise ValueError(f"must be PIPELINE/STAGE, like 0/1; got {v!r}")
+        return f"{int(p)}/{int(s)}"
+
+    @property
+    def pipeline(self) -> int:
+        return int(self.slot.split("/")[0])
+
+    @property
+    def stage(self) -> int:
+        return int(self.slot.split("/")[1])
+
+
+class DetectionSpec(_Strict):
+    """How trainers are judged each epoch (stage 1: scores; stage 2: the trainers' updates)."""
+
+    gradient_stage: Literal["always", "on_flag"] = "always"
+    method: Literal["two_means_pca", "two_means_random", "mandera"] = "two_means_pca"
+    dims: int | None = Field(default=None, ge=1)  # projection dimensions; None: 2 for PCA, 20 for random
+    separation: float | None = Field(default=None, gt=0)  # clear split: centroid distance / within spread;
+    #                                                       None: the detector's default (tdml_core.robust.detect)
+    mad_threshold: float = Field(default=3.5, gt=0)  # stage 1: this many robust deviations below the median
+    min_agreement: float = Field(default=0.2, ge=-1, le=1)  # cosine(−epoch gradient, update) at least this
+    evict_after: int = Field(default=2, ge=1)  # flagged in this many ...
+    window: int = Field(default=3, ge=1)  # ... of the last this many epochs: evicted
+
+    @model_validator(mode="after")
+    def _window(self) -> "DetectionSpec":
+        if self.evict_after > self.window:
+            raise ValueError(f"evict_after ({self.evict_after}) must not exceed window ({self.window})")
+        return self
+
+
+class AggregationSpec(_Strict):
+    """How the chosen pipelines' updates (relative to the global model) become the next global model."""
+
+    rule: Literal["top_k", "mean", "median", "trimmed_mean", "multi_krum", "centered_clip"] = "top_k"
+    f: int = Field(default=1, ge=0)  # trimmed_mean, multi_krum: how many may be Byzantine
+    tau: float = Field(default=1.0, gt=0)  # centered_clip: the clipping radius
+    iters: int = Field(default=1, ge=1)  # centered_clip
+
+
 GENERATE = "generate"
 
 
@@ -76,6 +138,7 @@ class ProtocolSpec(_Strict):
     participants: ParticipantsSpec = ParticipantsSpec()
     score_tolerance: float = Field(default=0.15, gt=0, lt=1)  # detection stage 1: accuracy this far below the median
     pipeline_pool: str | None = None  # a deployment (flow/name) to dispatch pipeline epochs to; None runs them here
+    standby_trainers: int = Field(default=0, ge=0)  # extra trainers that offer at the start and replace the evicted
 
 
 class JobSpec(_Strict):
@@ -101,6 +164,9 @@ class JobSpec(_Strict):
     seed: int = Field(default=0, ge=0)
     stage_timeout_s: float = Field(default=120.0, gt=0)  # a stage silent this long fails the epoch
     protocol: ProtocolSpec = ProtocolSpec()  # used by ``tdml run`` only
+    attacks: list[AttackSpec] = Field(default_factory=list)  # simulated dishonest trainers
+    detection: DetectionSpec = DetectionSpec()
+    aggregation: AggregationSpec = AggregationSpec()
 
     @field_validator("data_parallel")
     @classmethod
@@ -145,6 +211,21 @@ class JobSpec(_Strict):
                 f"protocol.participants.trainers lists {len(parts.trainers)} key files for "
                 f"{self.data_parallel} pipelines × {n_stages} stages"
             )
+        slots = [a.slot for a in self.attacks]
+        if len(set(slots)) != len(slots):
+            raise ValueError("attacks: one attack per trainer slot")
+        for a in self.attacks:
+            if a.pipeline >= self.data_parallel or (n_stages and a.stage >= n_stages):
+                raise ValueError(f"attacks: slot {a.slot} is not in {self.data_parallel} pipelines x {self.stages} stages")
+            if a.kind == "label_flip" and n_stages and a.stage != n_stages - 1:
+                raise ValueError(f"attacks: label_flip at {a.slot}: only the last stage sees the labels")
+            if a.from_epoch >= self.epochs:
+                raise ValueError(f"attacks: {a.slot} starts at epoch {a.from_epoch}, after the job's last")
+        agg = self.aggregation
+        if agg.rule == "trimmed_mean" and self.data_parallel <= 2 * agg.f:
+            raise ValueError(f"aggregation: trimmed_mean with f={agg.f} needs more than {2 * agg.f} pipelines")
+        if agg.rule == "multi_krum" and self.data_parallel < agg.f + 3:
+            raise ValueError(f"aggregation: multi_krum with f={agg.f} needs at least {agg.f + 3} pipelines")
         names = [t.name for t in self.trainers]
         if len(set(names)) != len(names):
             raise ValueError("trainer names must be unique")

@@ -60,6 +60,45 @@ def plot_epochs(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     return path
 
 
+def plot_verdicts(doc: dict, path: str | Path, title: str = "") -> Path | None:
+    """Each stage's trainers' updates of one layer group, projected to 2-D; flagged ones marked. None: no evidence."""
+    panels = []
+    for s in sorted({int(v["slot"].split("/")[1]) for v in doc["verdicts"]}):
+        mine = [v for v in doc["verdicts"] if v["slot"].endswith(f"/{s}") and v.get("evidence")]
+        if not mine:
+            continue
+        ev = mine[0]["evidence"]
+        layer = max(ev, key=lambda k: ev[k].get("separation_ratio") or 0)  # the layer that tells most apart
+        panels.append((s, layer, ev[layer], {v["evidence"][layer]["index"]: v for v in mine}))
+    if not panels or not any(len(e["points"]) for _, _, e, _ in panels):
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False)
+    for ax, (s, layer, ev, by_index) in zip(axes[0], panels):
+        for i, pt in enumerate(ev["points"]):
+            v = by_index.get(i)
+            x, y = pt[0], pt[1] if len(pt) > 1 else 0.0
+            bad = bool(v and v["flagged"])
+            ax.scatter([x], [y], marker="X" if bad else "o", s=110 if bad else 60, c="tab:red" if bad else "tab:blue")
+            if v:
+                ax.annotate(v["slot"] + (" evicted" if v["malicious"] else ""), (x, y), textcoords="offset points",
+                            xytext=(5, 5), fontsize=8)
+        ratio = ev.get("separation_ratio")
+        ax.set_title(f"stage {s}, layer {layer}: separation {ratio if ratio is None else f'{ratio:.3g}'}", fontsize=9)
+        ax.set_xlabel("projection 1")
+        ax.set_ylabel("projection 2")
+    fig.suptitle(title or f"epoch {doc.get('epoch', 0) + 1}: trainers' updates (red: flagged)", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def epoch_table(record: dict) -> list[dict]:
     """One row per pipeline of an epoch: score, selection, verdicts (the flow's table artifact)."""
     rows = []

@@ -574,9 +574,13 @@ def test_set_up_slots_are_the_clients_and_the_servers(chain):
     job.commit(s1, Slot(0, Kind.PLAN, 1))
     job.commit(s1, Slot(0, Kind.TRAINER_KEYS, 1, 1))
     job.commit(c, Slot(0, Kind.DATA_KEY, 1, 1))
-    for slot in (Slot(1, Kind.SPEC), Slot(0, Kind.SPEC, attempt=1), Slot(10**9, Kind.PLAN, 0)):
+    # a replacement's keys go under the next holder number; other set-up slots have one writing only
+    job.commit(s1, Slot(0, Kind.TRAINER_KEYS, 1, 1, attempt=1))
+    job.commit(c, Slot(0, Kind.DATA_KEY, 1, 1, attempt=market_py.MAX_ATTEMPTS - 1))
+    for slot in (Slot(1, Kind.SPEC), Slot(0, Kind.SPEC, attempt=1), Slot(10**9, Kind.PLAN, 0),
+                 Slot(0, Kind.PLAN, 1, attempt=1), Slot(0, Kind.TRAINER_KEYS, 1, 1, attempt=market_py.MAX_ATTEMPTS)):
         with reverts("set-up is committed at epoch 0"):
-            job.commit(c if slot.kind == Kind.SPEC else s0, slot)
+            job.commit(c if slot.kind == Kind.SPEC else s1 if slot.pipeline else s0, slot)
     for slot in (Slot(0, Kind.DATA, 0, 1), Slot(0, Kind.SERVER_KEYS, 1, 1), Slot(0, Kind.PLAN, 0, 1)):
         with reverts("a pipeline's slot has stage 0"):
             job.commit(s0 if slot.kind == Kind.PLAN else c, slot)
@@ -1089,7 +1093,7 @@ class Model:
         if s >= self.stages:
             return "no such stage"
         if k < Kind.ATTEMPT:
-            if e != 0 or a != 0:
+            if e != 0 or not (a == 0 or (k in (Kind.DATA_KEY, Kind.TRAINER_KEYS) and a < market_py.MAX_ATTEMPTS)):
                 return "set-up is committed at epoch 0"
             if k in (Kind.SERVER_KEYS, Kind.DATA, Kind.PLAN) and s != 0:
                 return "a pipeline's slot has stage 0"

@@ -367,3 +367,90 @@ def test_a_run_killed_after_each_money_moving_transaction_resumes_to_one_correct
     assert task["settled"] and task["ledger"] == ref.ledger
     assert market.escrowed == BUDGET - 4 * (BUDGET * 2 // 8)  # only the rounding dust is left
     _quiet_audit(out)
+
+
+ATTACKED = {"data_parallel": 3, "stages": 1, "epochs": 4, "top_k": 2, "dataset": {"name": "digits", "limit": 600},
+            "attacks": [{"slot": "1/0", "kind": "sign_flip", "from_epoch": 1}], "protocol": {"standby_trainers": 2}}
+
+
+@pytest.fixture(scope="module")
+def attacked_run(tmp_path_factory) -> Path:
+    """3 pipelines x 1 stage; trainer 1/0 flips the sign of its update from epoch 1, inside its own process."""
+    tmp = tmp_path_factory.mktemp("attacked")
+    out = tmp / "run"
+    done = tdml("run", _spec(tmp, **ATTACKED), "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re_derives_it(attacked_run):
+    from tdml_core.protocol.audit import Auditor
+    from tdml_core.protocol.rewards import payout, planned_units
+
+    data = json.loads((attacked_run / "summary.json").read_text())
+    by_epoch = {e["epoch"]: {v["slot"]: v for v in e["verdicts"]} for e in data["epochs"]}
+    attacker = by_epoch[0]["1/0"]["trainer"]
+    assert not any(v["flagged"] for v in by_epoch[0].values())  # honest until epoch 1
+    assert by_epoch[1]["1/0"]["flagged"] and not by_epoch[1]["1/0"]["malicious"]  # flagged once: not yet evicted
+    assert by_epoch[2]["1/0"]["malicious"] and by_epoch[2]["1/0"]["trainer"] == attacker
+    honest = [v for e in by_epoch.values() for s, v in e.items() if v["trainer"] != attacker]
+    assert honest and not any(v["flagged"] for v in honest)  # no false accusation
+    (swap,) = data["epochs"][2]["replaced"]
+    assert swap["slot"] == "1/0" and swap["evicted"] == attacker and swap["replacement"]
+    assert by_epoch[3]["1/0"]["trainer"] == swap["replacement"] and not by_epoch[3]["1/0"]["flagged"]
+    assert data["evicted"] == ["1/0"]
+    # the flagged epochs of pipeline 1 stayed out of the global model; the last one is in again
+    assert [e["local"][1]["flagged"] for e in data["epochs"]] == [False, True, True, False]
+
+    lines = _quiet_audit(attacked_run)  # raises on the first mismatch
+    assert any(line.startswith("ok") and "epoch 1: " in line and "(1 flagged)" in line for line in lines)
+    job = Auditor(attacked_run, say=lambda _: None).job
+    assert job.ledger.evicted(attacker) and job.ledger.earned(attacker) == 0
+    assert job.trainer_address(1, 0) == swap["replacement"]
+    one = payout(10**18, 1, planned_units(4, 3, 1))
+    assert data["rewards"][attacker] == 0
+    assert data["rewards"][swap["replacement"]] == job.ledger.earned(swap["replacement"]) == one  # epoch 3
+    assert data["rewards"][by_epoch[0]["0/0"]["trainer"]] == payout(10**18, 4, planned_units(4, 3, 1))
+
+
+def test_a_verdict_altered_by_the_aggregator_fails_the_audit_naming_it(attacked_run, tmp_path):
+    """The aggregating server commits verdicts that clear the attacker at epoch 1: the audit re-derives and says so."""
+    from eth_account import Account
+    from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
+    from web3 import Web3
+
+    from tdml_core.chain.compile import compile_contract
+    from tdml_core.chain.market import Kind
+    from tdml_core.identity import Identity
+    from tdml_core.protocol.audit import Auditor
+
+    run = _copy(attacked_run, tmp_path)
+    job = Auditor(run, say=lambda _: None).job
+    ledger = Web3().eth.contract(abi=compile_contract("Ledger").abi)
+    keys = {i.address: i for i in (Identity.load(p) for p in (run / "keys").glob("*.json"))}
+    journal = run / "chain.jsonl"
+    lines = journal.read_text().splitlines()
+    for n, line in enumerate(lines):
+        entry = json.loads(line)
+        tx = TypedTransaction.from_bytes(HexBytes(entry["raw"])).as_dict()
+        if len(tx.get("to") or b"") != 20 or Web3.to_checksum_address(tx["to"]) != job.ledger.address:
+            continue
+        fn, args = ledger.decode_function_input(tx["data"])
+        if fn.fn_name == "commit" and args["kind"] == Kind.VERDICTS and args["epoch"] == 1:
+            break
+    else:
+        pytest.fail("no verdicts commitment found in the journal")
+    doc = job.get_doc(job.must(1, Kind.VERDICTS, attempt=args["attempt"]), Kind.VERDICTS)
+    (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/0"]
+    v["flagged"], v["reason"] = False, "clean"
+    cid, dig = job.put_doc(Kind.VERDICTS, doc)
+    server = keys[Account.recover_transaction(bytes.fromhex(entry["raw"]))]
+    tx = {k: v for k, v in tx.items() if k not in ("v", "r", "s", "type")}
+    tx["data"] = ledger.encode_abi("commit", [1, Kind.VERDICTS, 0, 0, args["attempt"], cid, bytes.fromhex(dig)])
+    signed = server.account.sign_transaction(tx)
+    lines[n] = json.dumps({**entry, "hash": signed.hash.hex(), "status": 1, "raw": bytes(signed.raw_transaction).hex()})
+    journal.write_text("\n".join(lines) + "\n")
+
+    with pytest.raises(AuditFailure, match=r"epoch 1: the verdict on trainer 1/0 is .*'flagged': False"):
+        _quiet_audit(run)

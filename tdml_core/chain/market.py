@@ -238,6 +238,10 @@ class MarketClient:
     def offered(self, task_id: int, who: str) -> bool:
         return self.c.functions.offers(task_id, who).call()[1] > 0
 
+    def offer_server(self, task_id: int, who: str) -> str:
+        """The server a trainer offered to (the zero address when it made no offer)."""
+        return self.c.functions.offers(task_id, who).call()[0]
+
     def hiring_open(self, task_id: int, server: str) -> bool:
         return self.c.functions.hiring_open(task_id, server).call()
 

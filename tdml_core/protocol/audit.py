@@ -27,8 +27,6 @@ from tdml_core.identity import Identity
 from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, forget_chain, spec_from_doc
 from tdml_core.protocol.keys import role_of
 from tdml_core.protocol.rewards import payout, planned_units, refund, validator_of
-from tdml_core.robust.aggregate import average_states
-from tdml_core.robust.detect import score_outliers
 from tdml_core.runtime.context import make_plan
 from tdml_core.storage import StoreError
 
@@ -196,18 +194,41 @@ class Auditor:
             if doc["plan"] != job.plan.to_dict():
                 self.fail(f"plan of pipeline {p} is not the plan the committed spec gives")
             for s, address in enumerate(doc["trainers"]):
-                if address != job.trainer_address(p, s):
-                    self.fail(f"plan of pipeline {p} names {address} for stage {s}; the market hired "
-                              f"{job.trainer_address(p, s)}")
                 self.trainers[(p, s)] = address
+        replaced = self.replacements()
+        self.holders = {}
+        for (p, s), first in self.trainers.items():
+            chain = [first]
+            for old, new in replaced.get((p, s), []):
+                if old != chain[-1]:
+                    self.fail(f"slot {p}/{s}: {old} was replaced, but {chain[-1]} held it")
+                if not job.ledger.evicted(old):
+                    self.fail(f"slot {p}/{s}: {old} was replaced without being evicted")
+                chain.append(new)
+            if chain[-1] != job.trainer_address(p, s):
+                self.fail(f"plan of pipeline {p} names {first} for stage {s}; the market hired "
+                          f"{job.trainer_address(p, s)}")
+            self.holders[(p, s)] = chain
         init = self._got(Slot(0, Kind.INIT))
         if set(init) != set(model.state_dict()):
             self.fail("the initial model does not fit the spec's model")
+        n_replaced = sum(len(c) - 1 for c in self.holders.values())
         self.ok(f"plan: {spec.data_parallel} pipelines x {job.n_stages} stages as the spec gives; "
-                f"{len(self.trainers)} trainers named, each the one the market hired")
+                f"{len(self.trainers)} trainers named, each the one the market hired"
+                + (f"; {n_replaced} evicted and replaced by their servers" if n_replaced else ""))
+
+    def replacements(self) -> dict[tuple[int, int], list[tuple[str, str]]]:
+        """The market's Replaced events of this task, per slot, in order."""
+        job, out = self.job, {}
+        last = job.chain.w3.eth.block_number
+        for lo in range(self.task["ledger_block"], last + 1, LOG_CHUNK):
+            for ev in job.chain.logs(job.market.c, "Replaced", lo, min(lo + LOG_CHUNK - 1, last)):
+                if ev["task_id"] == job.job_id:
+                    out.setdefault((ev["pipeline"], ev["stage"]), []).append((ev["old"], ev["new"]))
+        return out
 
     def check_epochs(self) -> None:
-        from tdml_core.protocol.steps import choose, score, stage_keys
+        from tdml_core.protocol.steps import global_model, judge, score, stage_keys
 
         job, spec = self.job, self.job.spec
         epochs = job.ledger.global_epochs
@@ -222,8 +243,13 @@ class Auditor:
                 got = self._got(Slot(e, Kind.STAGE, 0, s))
                 if set(got) != set(ks) or any(not torch.equal(got[k], previous[k]) for k in ks):
                     self.fail(f"epoch {e} stage {s}: the weights handed to trainers are not the previous global model's")
-            scores, locals_ = [], []
+            scores: list[dict | None] = []
             for p in range(spec.data_parallel):
+                if job.commitment(e, Kind.WEIGHTS, p, 0, a) is None and job.commitment(e, Kind.SCORE, p, 0, a) is None:
+                    if not any(job.ledger.evicted(t) for s in range(job.n_stages) for t in self.holders[(p, s)]):
+                        self.fail(f"epoch {e} pipeline {p}: no local model, and none of its trainers was evicted")
+                    scores.append(None)  # dropped: evicted with no standby to replace it
+                    continue
                 state = {}
                 for s in range(job.n_stages):
                     state.update(self._got(Slot(e, Kind.WEIGHTS, p, s, a)))
@@ -239,25 +265,45 @@ class Auditor:
                     self.fail(f"epoch {e} pipeline {p}: committed score accuracy {doc['accuracy']:.6f} "
                               f"loss {doc['loss']:.6f}, re-evaluated accuracy {acc:.6f} loss {loss:.6f}")
                 scores.append(doc)
-                locals_.append(state)
-            verdicts = self._got(Slot(e, Kind.VERDICTS, attempt=a))
-            flagged = score_outliers([d["accuracy"] for d in scores], spec.protocol.score_tolerance)
-            if verdicts["flagged"] != flagged:
-                self.fail(f"epoch {e}: committed flags {verdicts['flagged']}, the score stage gives {flagged}")
-            chosen = choose(scores, flagged, spec.top_k)
-            expect = average_states([locals_[p] for p in chosen])
+            committed = self._got(Slot(e, Kind.VERDICTS, attempt=a))
+            expect = judge(job, e, a, scores)
+            if committed.get("flagged") != expect["flagged"]:
+                self.fail(f"epoch {e}: committed flags {committed.get('flagged')}, the detection rules give "
+                          f"{expect['flagged']}")
+            have = {v["slot"]: v for v in committed.get("verdicts", [])}
+            for v in expect["verdicts"]:
+                c = have.get(v["slot"])
+                fields = ("trainer", "flagged", "malicious")
+                if c is None or any(c.get(k) != v[k] for k in fields):
+                    got_v = None if c is None else {k: c.get(k) for k in fields}
+                    self.fail(f"epoch {e}: the verdict on trainer {v['slot']} is {got_v}; re-derived from the "
+                              f"committed updates it is {{'trainer': {v['trainer']!r}, 'flagged': {v['flagged']}, "
+                              f"'malicious': {v['malicious']}}}")
+            if len(have) != len(expect["verdicts"]):
+                self.fail(f"epoch {e}: {len(have)} verdicts committed, {len(expect['verdicts'])} re-derived")
+            for v in expect["verdicts"]:
+                if v["malicious"] and not job.ledger.evicted(v["trainer"]):
+                    self.fail(f"epoch {e}: trainer {v['slot']} was judged malicious but not evicted on the ledger")
+            start = {}
+            for s in range(job.n_stages):
+                start.update(self._got(Slot(e, Kind.STAGE, 0, s)))
+            want, chosen, rule = global_model(job, e, a, scores, expect, start)
             got = self._got(Slot(e, Kind.GLOBAL, attempt=a))
-            if set(got) != set(expect) or any(not torch.allclose(got[k].double(), expect[k].double(), atol=1e-6, rtol=0)
-                                              for k in expect):
-                self.fail(f"epoch {e}: the committed global model is not the average of local models {chosen}")
+            if set(got) != set(want) or any(not torch.allclose(got[k].double(), want[k].double(), atol=1e-6, rtol=0)
+                                            for k in want):
+                self.fail(f"epoch {e}: the committed global model is not {rule} of local models {chosen}")
             g_acc, g_loss = score(job, got)
-            self.derived.append({"epoch": e, "attempt": a, "scores": scores, "flagged": flagged, "chosen": chosen,
-                                 "verdicts": verdicts["verdicts"], "global_accuracy": g_acc, "global_loss": g_loss,
+            self.derived.append({"epoch": e, "attempt": a, "scores": [sc for sc in scores if sc is not None],
+                                 "flagged": expect["flagged"], "chosen": chosen,
+                                 "verdicts": [{k: x for k, x in v.items() if k != "evidence"}
+                                              for v in committed["verdicts"]],
+                                 "global_accuracy": g_acc, "global_loss": g_loss,
                                  "global_model_cid": job.must(e, Kind.GLOBAL, attempt=a).cid})
             previous = got
-            accs = ", ".join(f"{d['accuracy']:.4f}" for d in scores)
-            self.ok(f"epoch {e}: {spec.data_parallel} local models load, scores reproduce ({accs}), "
-                    f"global = average of {chosen}")
+            accs = ", ".join("dropped" if d is None else f"{d['accuracy']:.4f}" for d in scores)
+            n_flag = sum(v["flagged"] for v in expect["verdicts"])
+            self.ok(f"epoch {e}: {sum(sc is not None for sc in scores)} local models load, scores reproduce ({accs}), "
+                    f"{len(expect['verdicts'])} verdicts re-derived ({n_flag} flagged), global = {rule} of {chosen}")
 
     def check_rewards(self) -> None:
         from tdml_core.protocol.steps import work_done
@@ -265,7 +311,7 @@ class Auditor:
         job, spec, task = self.job, self.job.spec, self.task
         if not job.ledger.finished or not job.market.task(job.job_id)["settled"]:
             self.fail("the job was not finished and settled")
-        done = work_done(job, self.servers, self.trainers)
+        done = work_done(job, self.servers, self.holders)
         planned = planned_units(spec.epochs, spec.data_parallel, job.n_stages)
         budget, client, bond = task["budget"], task["client"], task["bond"]
         paid: dict[str, int] = {}
@@ -331,7 +377,7 @@ class Auditor:
             same("final_accuracy", data.get("final_accuracy"), self.derived[-1]["global_accuracy"], close=True)
         same("rewards", data.get("rewards"), self.rewards)
         same("refund_wei", data.get("refund_wei"), self.refund)
-        evicted = [f"{p}/{s}" for (p, s), t in sorted(self.trainers.items()) if self.job.ledger.evicted(t)]
+        evicted = [f"{p}/{s}" for (p, s), hs in sorted(self.holders.items()) for t in hs if self.job.ledger.evicted(t)]
         same("evicted", data.get("evicted"), evicted)
         self.ok(f"summary.json: accuracies, verdicts, rewards and refund of {len(epochs)} epochs re-derived")
 

@@ -83,13 +83,25 @@ class Participants:
     trainers: dict[tuple[int, int], Identity]
     key_files: dict[str, Path] = field(default_factory=dict)  # address -> key file
     passphrase: str | None = None
+    standbys: list[Identity] = field(default_factory=list)  # offer at the start; replace evicted trainers
+    hired: dict[tuple[int, int], list[Identity]] = field(default_factory=dict)  # every holder of a slot, in turn
 
     def trainers_of(self, pipeline: int) -> list[Identity]:
         return [self.trainers[k] for k in sorted(self.trainers) if k[0] == pipeline]
 
+    def holders(self, pipeline: int, stage: int) -> list[Identity]:
+        """Who held (pipeline, stage), first to current (its original trainer, then replacements)."""
+        return self.hired.get((pipeline, stage)) or [self.trainers[(pipeline, stage)]]
+
+    def replace(self, pipeline: int, stage: int, new: Identity) -> None:
+        self.hired[(pipeline, stage)] = [*self.holders(pipeline, stage), new]
+        self.trainers[(pipeline, stage)] = new
+
     @property
     def everyone(self) -> list[Identity]:
-        return [self.client, *self.servers, *(self.trainers[k] for k in sorted(self.trainers))]
+        """The client, the servers, the trainers first hired, the standbys."""
+        first = [self.holders(*k)[0] for k in sorted(self.trainers)]
+        return [self.client, *self.servers, *first, *self.standbys]
 
 
 def _identity(entry: str, name: str, keys_dir: Path, passphrase: str | None, files: dict) -> Identity:
@@ -121,10 +133,12 @@ def load_participants(spec: JobSpec, n_stages: int, keys_dir: Path) -> Participa
         for s in range(n_stages):
             entry = GENERATE if parts.trainers == GENERATE else parts.trainers[p * n_stages + s]
             trainers[(p, s)] = _identity(entry, f"trainer-{p}-{s}", keys_dir, passphrase, files)
-    addresses = [i.address for i in [client, *servers, *trainers.values()]]
+    standbys = [_identity(GENERATE, f"standby-{i}", keys_dir, passphrase, files)
+                for i in range(spec.protocol.standby_trainers)]
+    addresses = [i.address for i in [client, *servers, *trainers.values(), *standbys]]
     if len(set(addresses)) != len(addresses):
         raise ProtocolError("every participant needs its own key; the same key file is listed twice")
-    return Participants(client, servers, trainers, files, passphrase)
+    return Participants(client, servers, trainers, files, passphrase, standbys)
 
 
 _OPEN_CHAINS: dict[str, Chain] = {}
@@ -283,6 +297,27 @@ class Job:
 
     def trainer_address(self, pipeline: int, stage: int) -> str:
         return self.market.holder(self.job_id, pipeline, stage)
+
+    def sync_holders(self) -> None:
+        """Learn from the market who holds each slot now (a resumed run after replacements)."""
+        from tdml_core.chain.market import TRAINER
+
+        m, task = self.market, self.job_id
+        for (p, s), first in sorted(self.people.trainers.items()):
+            first = self.people.holders(p, s)[0]
+            held = [first] + [sb for sb in self.people.standbys if m.role(task, sb.address) == TRAINER
+                              and m.pipeline_of(task, sb.address) == p and m.stage_of(task, sb.address) == s]
+            current = m.holder(task, p, s)
+            held.sort(key=lambda i: i.address != first.address)  # the first stays first
+            now = next((i for i in held if i.address == current), None)
+            if now is None:
+                continue  # not hired yet
+            self.people.hired[(p, s)] = [i for i in held if i.address != current] + [now]
+            self.people.trainers[(p, s)] = now
+
+    def generation(self, pipeline: int, stage: int) -> int:
+        """How many trainers held (pipeline, stage) before its current one: its keys' slot number."""
+        return len(self.people.holders(pipeline, stage)) - 1
 
 
 def spec_from_doc(doc: dict) -> JobSpec:

@@ -20,11 +20,17 @@ def planned_units(epochs: int, n_pipelines: int, n_stages: int) -> int:
 
 
 def trainer_earns(epoch_verdicts: dict, pipeline: int, stage: int, committed: bool) -> bool:
-    """``epoch_verdicts`` is the committed verdicts document of one epoch."""
-    if not committed or epoch_verdicts["flagged"][pipeline]:
+    """``epoch_verdicts`` is the committed verdicts document of one epoch.
+
+    A trainer earns the epoch when it committed its work, its own verdict is clean,
+    and its pipeline's score was not flagged (the score cannot say who of the
+    pipeline is to blame); a pipeline left out because a co-trainer's update was
+    flagged does not cost the others their pay.
+    """
+    if not committed or epoch_verdicts.get("score_flagged", epoch_verdicts["flagged"])[pipeline]:
         return False
     slot = f"{pipeline}/{stage}"
-    return not any(v["malicious"] for v in epoch_verdicts["verdicts"] if v["slot"] == slot)
+    return not any(v["malicious"] or v.get("flagged") for v in epoch_verdicts["verdicts"] if v["slot"] == slot)
 
 
 def payout(budget: int, units: int, planned: int) -> int:

@@ -26,8 +26,6 @@ from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.protocol.job import GAS_FUNDS_WEI, Job, JobRef, ProtocolError, load_participants
 from tdml_core.protocol.keys import JobKeys
 from tdml_core.protocol.rewards import refund, trainer_earns, validator_of
-from tdml_core.robust.aggregate import average_states, select_top_k
-from tdml_core.robust.detect import gradient_stage, score_stage
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.context import load_job, make_plan
 
@@ -90,6 +88,8 @@ def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str
         job.ledger = job.market.ledger_of(job.job_id)  # opened before a crash that kept it out of job.json
         if job.ledger is not None:
             job.ref.ledger, job.ref.ledger_block = job.ledger.address, job.market.task(job.job_id)["ledger_block"]
+    if job.ledger is not None:
+        job.sync_holders()  # replacements made before a crash
     if resume and job.ledger is not None:
         have = job.commitment(0, Kind.SPEC)
         if have is not None and have.digest.removeprefix("0x") != digest(doc_bytes(_spec_doc(spec))):
@@ -202,6 +202,11 @@ def hire_trainers(job: Job) -> str:
             stages.append(s)
         if to_hire:
             m.hire_trainers(server.account, task_id, to_hire, stages)
+    n = len(job.people.servers)
+    for i, standby in enumerate(job.people.standbys):  # offers stay open after hiring closes: replacements
+        if not m.offered(task_id, standby.address) and m.role(task_id, standby.address) == 0:
+            m.offer_trainer(standby.account, task_id, job.people.servers[i % n].address, TRAINER_MEMORY, 1,
+                            standby.public_key, spec.protocol.bond_wei)
     if job.ref.ledger is None:
         ledger = m.ledger_of(task_id)
         if ledger is None:
@@ -230,14 +235,21 @@ def exchange_keys(job: Job) -> None:
     keys = job.keys  # opened from the ledger when this step runs again
     for p, server in enumerate(job.people.servers):
         _seal_to(job, client, server.address, Slot(0, Kind.SERVER_KEYS, p), "server-keys", keys.for_server())
-        for s, trainer in enumerate(job.people.trainers_of(p)):
-            _seal_to(job, client, trainer.address, Slot(0, Kind.DATA_KEY, p, s), "data-key",
-                     keys.for_trainer_data(p))
-            _seal_to(job, server, trainer.address, Slot(0, Kind.TRAINER_KEYS, p, s), "trainer-keys",
-                     keys.for_trainer(p, s))
+        for s in range(job.n_stages):
+            seal_trainer(job, p, s)
     if job.commitment(0, Kind.SPEC) is None:
         cid, dig = job.put_doc(Kind.SPEC, _spec_doc(job.spec))
         job.commit_once(client, Slot(0, Kind.SPEC), cid, dig)
+
+
+def seal_trainer(job: Job, p: int, s: int) -> None:
+    """The client seals pipeline p's data key, and its server the stage's keys, to the slot's current trainer."""
+    trainer, g = job.people.trainers[(p, s)], job.generation(p, s)
+    keys = job.keys
+    _seal_to(job, job.people.client, trainer.address, Slot(0, Kind.DATA_KEY, p, s, g), "data-key",
+             keys.for_trainer_data(p))
+    _seal_to(job, job.people.servers[p], trainer.address, Slot(0, Kind.TRAINER_KEYS, p, s, g), "trainer-keys",
+             keys.for_trainer(p, s))
 
 
 # -- 5. shard model -------------------------------------------------------------------------
@@ -362,41 +374,124 @@ def cross_validate(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
 
 
 # -- 8. detect ----------------------------------------------------------------------------
-def detect(job: Job, epoch: int, attempt: int, scores: list[dict]) -> dict:
-    """Stage 1 flags far-below-median scores; stage 2 (gradients) has its place; evictions go on the ledger."""
+def dropped_pipelines(job: Job) -> list[int]:
+    """Pipelines that train no more: a trainer of theirs was evicted and no standby took its slot."""
+    return sorted({p for (p, s), t in job.people.trainers.items() if job.ledger.evicted(t.address)})
+
+
+def epoch_updates(job: Job, epoch: int, attempt: int, pipelines: list[int]) -> tuple[dict, dict, dict]:
+    """Each trainer's update in the epoch (its committed weights minus the stage input), its epoch gradient, its address."""
+    from tdml_core.robust.combine import _floats
+
+    updates, grads, writers = {}, {}, {}
+    for s in range(job.n_stages):
+        start = job.get_state(job.must(epoch, Kind.STAGE, 0, s), Kind.STAGE, stage=s)
+        names = _floats(start)
+        for p in pipelines:
+            w = job.must(epoch, Kind.WEIGHTS, p, s, attempt)
+            end = job.get_state(w, Kind.WEIGHTS, p, s)
+            g = job.get_state(job.must(epoch, Kind.GRAD, p, s, attempt), Kind.GRAD, p, s)
+            updates[(p, s)] = {k: (end[k].double() - start[k].double()).numpy() for k in names}
+            grads[(p, s)] = {k: v.double().numpy() for k, v in g.items()}
+            writers[(p, s)] = w.writer
+    return updates, grads, writers
+
+
+def flag_history(job: Job, epoch: int) -> dict[str, list[bool]]:
+    """Each trainer's flags in the epochs before ``epoch``, oldest first, from the committed verdicts."""
+    history: dict[str, list[bool]] = {}
+    for e in range(epoch):
+        doc = job.get_doc(job.must(e, Kind.VERDICTS, attempt=job.attempt(e)), Kind.VERDICTS)
+        for v in doc["verdicts"]:
+            history.setdefault(v["trainer"], []).append(bool(v.get("flagged", v["malicious"])))
+    return history
+
+
+def judge(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dict:
+    """The verdicts document of an epoch, from committed artifacts only (the audit calls it too)."""
+    from tdml_core.robust.judge import judge_epoch
+
+    active = [p for p, sc in enumerate(scores) if sc is not None]
+    updates, grads, writers = epoch_updates(job, epoch, attempt, active)
+    doc = judge_epoch([None if sc is None else sc["accuracy"] for sc in scores], updates, grads, writers,
+                      flag_history(job, epoch), n_stages=job.n_stages, tolerance=job.spec.protocol.score_tolerance,
+                      detection=job.spec.detection)
+    return {"epoch": epoch, "attempt": attempt, **doc}
+
+
+def detect(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dict:
+    """Stage 1 on the scores, stage 2 on the updates; evictions go on the ledger, signed by the trainer's server."""
     have = job.commitment(epoch, Kind.VERDICTS, attempt=attempt)
     if have is not None:
-        return job.get_doc(have, Kind.VERDICTS)
-    n = job.spec.data_parallel
-    trainers = [[t.address for t in job.people.trainers_of(p)] for p in range(n)]
-    flagged, verdicts = score_stage([sc["accuracy"] for sc in scores], job.spec.protocol.score_tolerance, trainers)
-    verdicts = gradient_stage(flagged, verdicts)
-    for v in verdicts:
-        if v.malicious and not job.ledger.evicted(v.trainer):
-            p = int(v.slot.split("/")[0])
-            job.ledger.evict(job.people.servers[p].account, v.trainer, epoch, v.reason)
-    doc = {"epoch": epoch, "attempt": attempt, "flagged": flagged, "verdicts": [v.to_dict() for v in verdicts]}
-    cid, dig = job.put_doc(Kind.VERDICTS, doc)
-    job.commit_once(job.people.servers[0], Slot(epoch, Kind.VERDICTS, attempt=attempt), cid, dig)
+        doc = job.get_doc(have, Kind.VERDICTS)
+    else:
+        doc = judge(job, epoch, attempt, scores)
+        cid, dig = job.put_doc(Kind.VERDICTS, doc)
+        job.commit_once(job.people.servers[0], Slot(epoch, Kind.VERDICTS, attempt=attempt), cid, dig)
+    for v in doc["verdicts"]:
+        if v["malicious"] and not job.ledger.evicted(v["trainer"]):
+            p = int(v["slot"].split("/")[0])
+            job.ledger.evict(job.people.servers[p].account, v["trainer"], epoch, v["reason"][-100:])
     return doc
 
 
+def replace_evicted(job: Job, verdicts: dict) -> list[dict]:
+    """Each trainer evicted this epoch: its server hires a standby that offered to it and seals it the slot's keys.
+
+    Without a standby the pipeline is dropped (it trains no more). Its processes
+    are stopped either way, so that the next epoch starts them with the new trainer.
+    (A run resumed after a crash in here finds the evicted holder still in place and goes on.)
+    """
+    from tdml_core.chain.market import TRAINER
+    from tdml_core.protocol.trainers import drop_trainers
+
+    m, task = job.market, job.job_id
+    done = []
+    now = {v["trainer"] for v in verdicts["verdicts"] if v["malicious"]}
+    for (p, s), trainer in sorted(job.people.trainers.items()):
+        if not job.ledger.evicted(trainer.address) or trainer.address not in now:
+            continue
+        server = job.people.servers[p]
+        free = [sb for sb in job.people.standbys if m.role(task, sb.address) == 0
+                and m.offer_server(task, sb.address) == server.address]
+        drop_trainers(job, p)
+        if not free:
+            done.append({"slot": f"{p}/{s}", "evicted": trainer.address, "replacement": None})
+            continue
+        new = free[0]
+        m.replace_trainer(server.account, task, trainer.address, new.address)
+        assert m.role(task, new.address) == TRAINER
+        job.people.replace(p, s, new)
+        seal_trainer(job, p, s)
+        done.append({"slot": f"{p}/{s}", "evicted": trainer.address, "replacement": new.address})
+    return done
+
+
 # -- 9. aggregate ---------------------------------------------------------------------------
-def choose(scores: list[dict], flagged: list[bool], top_k: int) -> list[int]:
-    """The top-K local models among the unflagged ones (the rule the audit re-applies)."""
-    eligible = [p for p, bad in enumerate(flagged) if not bad]
+def global_model(job: Job, epoch: int, attempt: int, scores: list[dict | None], verdicts: dict,
+                 start: dict | None = None) -> tuple[dict, list[int], str]:
+    """The rule the spec names over the unflagged local models (the audit calls it too)."""
+    from tdml_core.robust.combine import combine
+
+    agg = job.spec.aggregation
+    eligible = [p for p, bad in enumerate(verdicts["flagged"]) if not bad and scores[p] is not None]
     if not eligible:
-        raise ProtocolError("every local model was flagged; there is nothing to aggregate")
-    best = select_top_k([scores[p]["accuracy"] for p in eligible], min(top_k, len(eligible)))
-    return [eligible[i] for i in best]
+        raise ProtocolError(f"epoch {epoch}: every local model was flagged; there is nothing to aggregate")
+    if start is None and agg.rule != "top_k":
+        start = {}
+        for s in range(job.n_stages):
+            start.update(job.get_state(job.must(epoch, Kind.STAGE, 0, s), Kind.STAGE, stage=s))
+    states = {p: local_model(job, p, epoch, attempt) for p in eligible}
+    accs = [None if sc is None else sc["accuracy"] for sc in scores]
+    return combine(agg.rule, start or {}, states, accs, eligible, top_k=job.spec.top_k, f=agg.f, tau=agg.tau,
+                   iters=agg.iters)
 
 
-def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict], verdicts: dict) -> dict:
-    """Average the top-K local models, commit the global model, and stage it for the next epoch."""
-    chosen = choose(scores, verdicts["flagged"], job.spec.top_k)
+def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict | None], verdicts: dict) -> dict:
+    """Combine the unflagged local models, commit the global model, and stage it for the next epoch."""
     have = job.commitment(epoch, Kind.GLOBAL, attempt=attempt)
+    global_state, chosen, rule = global_model(job, epoch, attempt, scores, verdicts)
     if have is None:
-        global_state = average_states([local_model(job, p, epoch, attempt) for p in chosen])
         cid, dig = job.put_state(Kind.GLOBAL, global_state)
         have = job.commit_once(job.people.servers[0], Slot(epoch, Kind.GLOBAL, attempt=attempt), cid, dig)
     else:
@@ -404,15 +499,19 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict], verdicts: 
     if epoch + 1 < job.spec.epochs:
         _put_stage_inputs(job, epoch + 1, global_state)
     acc, loss = score(job, global_state)
-    return {"chosen": chosen, "global_model_cid": have.cid, "global_accuracy": acc, "global_loss": loss,
-            "global_state": global_state}
+    return {"chosen": chosen, "rule": rule, "global_model_cid": have.cid, "global_accuracy": acc,
+            "global_loss": loss, "global_state": global_state}
 
 
 # -- 10. reward ------------------------------------------------------------------------------
-def work_done(job: Job, servers: list[str], trainers: dict[tuple[int, int], str]) -> dict[str, list[int]]:
-    """The epochs of verified work of each participant address, read from the ledger's commitments."""
+def work_done(job: Job, servers: list[str], holders: dict[tuple[int, int], list[str]]) -> dict[str, list[int]]:
+    """The epochs of verified work of each participant address, read from the ledger's commitments.
+
+    ``holders[(p, s)]`` are the trainers that held the slot in turn; each epoch's
+    work belongs to the one that committed it. An evicted trainer has none.
+    """
     n, epochs = job.spec.data_parallel, job.ledger.global_epochs
-    done: dict[str, list[int]] = {a: [] for a in [*servers, *trainers.values()]}
+    done: dict[str, list[int]] = {a: [] for a in [*servers, *(a for hs in holders.values() for a in hs)]}
     for e in range(epochs):
         attempt = job.attempt(e)
         verdicts = job.get_doc(job.must(e, Kind.VERDICTS, attempt=attempt), Kind.VERDICTS)
@@ -423,9 +522,10 @@ def work_done(job: Job, servers: list[str], trainers: dict[tuple[int, int], str]
                 done[validator].append(e)
             for s in range(job.n_stages):
                 mine = [job.commitment(e, k, p, s, attempt) for k in (Kind.WEIGHTS, Kind.GRAD)]
-                committed = all(c is not None and c.writer == trainers[(p, s)] for c in mine)
-                if trainer_earns(verdicts, p, s, committed):
-                    done[trainers[(p, s)]].append(e)
+                writer = mine[0].writer if mine[0] is not None else None
+                committed = writer in holders[(p, s)] and all(c is not None and c.writer == writer for c in mine)
+                if trainer_earns(verdicts, p, s, committed) and not job.ledger.evicted(writer):
+                    done[writer].append(e)
     return done
 
 
@@ -435,10 +535,10 @@ def reward(job: Job) -> dict:
 
     client, m, ledger, task_id = job.people.client, job.market, job.ledger, job.job_id
     servers = [s.address for s in job.people.servers]
-    trainers = {k: t.address for k, t in job.people.trainers.items()}
+    holders = {k: [t.address for t in job.people.holders(*k)] for k in job.people.trainers}
     if not ledger.finished and not ledger.closed:
-        payer_of = {t.address: job.people.servers[p] for (p, _), t in job.people.trainers.items()}
-        for address, epochs in work_done(job, servers, trainers).items():
+        payer_of = {a: job.people.servers[p] for (p, _), hs in holders.items() for a in hs}
+        for address, epochs in work_done(job, servers, holders).items():
             if ledger.evicted(address):
                 continue
             owed = [e for e in epochs if not ledger.credited_for(address, e)]
@@ -448,10 +548,13 @@ def reward(job: Job) -> dict:
         ledger.finish(client.account)
     if not m.task(task_id)["settled"]:
         m.settle(client.account, task_id)
-    for who in job.people.everyone[1:]:  # each participant claims its own pay (and bond)
+    everyone = [*job.people.everyone[1:], *(t for k in sorted(job.people.trainers) for t in job.people.holders(*k)[1:]
+                                            if t not in job.people.standbys)]
+    for who in everyone:  # each participant claims its own pay (and bond)
         if not m.claimed(task_id, who.address) and (ledger.earned(who.address) or m.bonded(task_id, who.address)):
             m.claim(who.account, task_id, who.address)
-    rewards = {a: ledger.earned(a) for a in [p.address for p in job.people.everyone[1:]]}
+    rewards = {a: ledger.earned(a) for a in [*servers, *(a for hs in holders.values() for a in hs)]}
     budget = job.spec.protocol.budget_wei
+    evicted = [f"{p}/{s}" for (p, s), hs in sorted(holders.items()) for a in hs if ledger.evicted(a)]
     return {"rewards": rewards, "refund_wei": refund(budget, ledger.credited, ledger.planned_units),
-            "evicted": [f"{p}/{s}" for (p, s), t in sorted(job.people.trainers.items()) if ledger.evicted(t.address)]}
+            "evicted": evicted}

@@ -33,10 +33,11 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
             passphrase=job.people.passphrase,
             client_public=client_public,
             server_public=server_public,
-            data_key_cid=job.must(0, Kind.DATA_KEY, pipeline, s).cid,
-            trainer_keys_cid=job.must(0, Kind.TRAINER_KEYS, pipeline, s).cid,
+            data_key_cid=job.must(0, Kind.DATA_KEY, pipeline, s, job.generation(pipeline, s)).cid,
+            trainer_keys_cid=job.must(0, Kind.TRAINER_KEYS, pipeline, s, job.generation(pipeline, s)).cid,
             data_cid=data.cid,
             data_digest=data.digest,
+            generation=job.generation(pipeline, s),
         )
     return out
 
@@ -59,7 +60,8 @@ def trainer_cluster(job: Job, pipeline: int) -> PipelineCluster:
     with _LOCK:
         cluster = _CLUSTERS.get(key)
     if cluster is None:
-        cluster = PipelineCluster(job.spec, job.plan, [pipeline], trainer_sources(job, pipeline)).start()
+        cluster = PipelineCluster(job.spec, job.plan, [pipeline], trainer_sources(job, pipeline),
+                                  collusion_dir=str(job.out / ".collusion")).start()
         with _LOCK:
             _CLUSTERS[key] = cluster
     return cluster

@@ -11,9 +11,12 @@ instead of leaving its neighbours waiting on a socket.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import tempfile
 import socket
 import time
 from multiprocessing.connection import wait
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,8 +62,10 @@ class PipelineCluster:
     """
 
     def __init__(self, spec: JobSpec, plan: StagePlan, pipelines: int | list[int] | None = None,
-                 sources: dict[Slot, TrainerSource] | None = None):
+                 sources: dict[Slot, TrainerSource] | None = None, collusion_dir: str | None = None):
         self.spec, self.plan = spec, plan
+        # where the spec's colluding attackers swap their honest updates (shared by this process's clusters)
+        self.collusion_dir = collusion_dir or str(Path(tempfile.gettempdir()) / f"tdml-collusion-{os.getpid()}")
         if isinstance(pipelines, list):
             self.pipeline_ids = list(pipelines)
         else:
@@ -81,7 +86,8 @@ class PipelineCluster:
                 parent, child = ctx.Pipe()
                 proc = ctx.Process(
                     target=stage_main,
-                    args=(StageArgs(self.spec, self.plan, p, s, port, self.sources.get((p, s))), child),
+                    args=(StageArgs(self.spec, self.plan, p, s, port, self.sources.get((p, s)),
+                                     self.collusion_dir), child),
                     name=f"tdml-p{p}-s{s}",
                     daemon=True,
                 )

@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from tdml_core import attacks
 from tdml_core.artifacts import get_state, put_state
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
@@ -46,6 +47,7 @@ class TrainerSource:
     trainer_keys_cid: str
     data_cid: str
     data_digest: str
+    generation: int = 0  # how many trainers held this slot before (the spec's attacks are its first trainer's)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class StageArgs:
     stage: int
     port: int
     source: TrainerSource | None = None
+    collusion_dir: str | None = None  # the spec's colluding attackers swap honest updates here
 
 
 class _Trainer:
@@ -157,11 +160,13 @@ class StageProcess:
             model = model_for(spec, num_classes, example)
         else:
             ds, model = load_job(spec)
+            num_classes = ds.num_classes
             self.x, self.y = shard(ds, args.pipeline, spec.data_parallel, spec.seed)
             example = example_microbatch(ds, spec)
         stages = [m.to(self.device) for m in split_model(model, plan, example)]
         values = _boundary_values(stages, example.to(self.device))
         self.module = stages[args.stage]
+        self.num_classes = int(num_classes)
         stage = PipelineStage(
             self.module,
             args.stage,
@@ -193,12 +198,17 @@ class StageProcess:
             start = self.trainer.stage_input(start)
         self.module.load_state_dict(start)
         self.module.train()
+        first = self.trainer is None or self.trainer.src.generation == 0
+        attack = attacks.attack_of(spec, a.pipeline, a.stage, epoch) if first else None
+        if attack is not None:
+            start = {k: v.detach().cpu().clone() for k, v in start.items()}
+        flip = attack is not None and attack.kind == "label_flip" and self.is_last
         loss_sum, n = 0.0, 0
         # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
         grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
         for xb, yb in batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, a.pipeline)):
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self._step(xb, yb)
+            losses = self._step(xb, (self.num_classes - 1 - yb) if flip else yb)
             if grad_sum is not None:
                 with torch.no_grad():
                     for name, p in self.module.named_parameters():
@@ -210,11 +220,31 @@ class StageProcess:
             n += 1
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
+        if attack is not None:
+            state, grad_sum = self._attack(attack, epoch, start, state, grad_sum)
         if not self.trainer:
             return state, stats
         stats["weights"] = self.trainer.put("weights", state)
         stats["grad"] = self.trainer.put("grad", {k: v.cpu() for k, v in grad_sum.items()})
         return None, stats
+
+    def _attack(self, attack, epoch: int, start: dict, state: dict, grad_sum: dict | None):
+        """This trainer cheats: it commits start + the attack's update, and a gradient that agrees with it."""
+        spec, a = self.args.spec, self.args
+        honest = attacks.update(start, state)
+        peers = [honest]
+        if attack.kind in attacks.COLLUDING:
+            group = attacks.colluders(spec, attack, epoch)
+            if len(group) > 1:
+                peers = attacks.Collusion(a.collusion_dir, spec.stage_timeout_s / 2).share(
+                    epoch, a.stage, a.pipeline, honest, group)
+        gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage)) % 2**63)
+        bad = attacks.attacked(attack.kind, honest, scale=attack.scale, n_pipelines=spec.data_parallel,
+                               peers=peers, generator=gen)
+        out = {k: (start[k] + bad[k]).to(v.dtype) if k in bad else v for k, v in state.items()}
+        if grad_sum is not None:
+            grad_sum = attacks.forged_grad({k: g.cpu() for k, g in grad_sum.items()}, bad)
+        return out, grad_sum
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)

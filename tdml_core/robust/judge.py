@@ -1,0 +1,188 @@
+"""One epoch's verdicts: which pipelines stay out of the global model, which trainers are flagged and evicted.
+
+Pure functions over numbers (accuracies, update vectors), so the flow, the audit
+and the benchmark judge the same way:
+
+- stage 1, the scores: a local model far below the median of all pipelines'
+  (more than ``tolerance``, or, with 5 or more pipelines, more than
+  ``mad_threshold`` robust deviations and 0.03) is flagged; it cannot say which
+  trainer is to blame.
+- stage 2, the updates: for every stage, the updates its trainers applied in the
+  epoch (end weights minus the epoch's start weights) are compared across the
+  pipelines, layer group by layer group, with 2-means on a projection (or
+  MANDERA's ranks); a trainer flagged in at least half of its stage's layer groups
+  is flagged. Its committed epoch gradient must also point against its update
+  (cosine at least ``min_agreement``), or it is flagged for that.
+- a trainer flagged in ``evict_after`` of its last ``window`` epochs is evicted.
+A pipeline with a flagged trainer is left out of the epoch's global model.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from tdml_core.robust import detect
+
+MAD_SCALE = 1.4826  # MAD of a normal sample, in standard deviations
+MIN_GAP = 0.03  # a score this close to the median is never an outlier, however tight the others are
+MAD_MIN_N = 5  # the robust deviation of fewer scores is too fragile to judge by
+
+
+def score_outliers(accuracies: Sequence[float], tolerance: float, mad_threshold: float) -> tuple[list[bool], dict]:
+    """Stage 1: flags per pipeline and what they were judged against."""
+    med = statistics.median(accuracies)
+    mad = statistics.median([abs(a - med) for a in accuracies])
+    robust = MAD_SCALE * mad
+    flags = []
+    for a in accuracies:
+        gap = med - a
+        by_mad = len(accuracies) >= MAD_MIN_N and gap > MIN_GAP and robust > 0 and gap > mad_threshold * robust
+        flags.append(bool(gap > tolerance or by_mad))
+    return flags, {"median": med, "mad": mad, "tolerance": tolerance, "mad_threshold": mad_threshold,
+                   "mad_test": len(accuracies) >= MAD_MIN_N}
+
+
+def layer_groups(names: Sequence[str]) -> dict[str, list[str]]:
+    """Parameter names grouped by their layer (the name without its last part: ``fc1.weight`` -> ``fc1``)."""
+    groups: dict[str, list[str]] = {}
+    for n in sorted(names):
+        groups.setdefault(n.rsplit(".", 1)[0] if "." in n else n, []).append(n)
+    return groups
+
+
+def _vector(update: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(update[n], dtype=np.float64).ravel() for n in names])
+
+
+PCA_SEPARATION = 4.5  # real updates: clean rounds stayed under 3.4, a lone zero-gradient trainer reached 4.75
+RANDOM_SEPARATION = 3.0  # a random projection keeps distances instead of seeking the attack's direction
+
+
+def split(vectors: np.ndarray, method: str, seed: int, dims: int | None, separation: float | None) -> dict:
+    """One layer group's 2-means; a random projection needs more dimensions and a lower bar."""
+    projection = "pca" if method == "two_means_pca" else "random"
+    if separation is None and method != "mandera":
+        separation = PCA_SEPARATION if projection == "pca" else RANDOM_SEPARATION
+    kw = {} if separation is None else {"separation": separation}
+    if method == "mandera":
+        return detect.mandera_evidence(vectors, seed=seed, **kw)
+    return detect.two_means_evidence(vectors, projection=projection, dims=dims or (2 if projection == "pca" else 20),
+                                     seed=seed, **kw)
+
+
+def _tie_break(ev: dict, scores: Sequence[float] | None, bar: float) -> dict:
+    """Two equal groups, clearly apart: the one whose pipelines score lower (by more than MIN_GAP) is flagged.
+
+    The update stage alone has no majority to trust when half of a stage's trainers
+    collude; the scores of their pipelines say which half did the damage.
+    """
+    ratio, labels = ev.get("separation_ratio"), np.asarray(ev["labels"])
+    if scores is None or ratio is None or not ev["reason"].startswith("equal groups") or not ratio > bar:
+        return ev
+    acc = np.asarray(scores, dtype=float)
+    low, high = acc[labels == 1].mean(), acc[labels == 0].mean()
+    if abs(low - high) <= MIN_GAP:
+        return {**ev, "reason": ev["reason"] + f"; their scores ({low:.4f} vs {high:.4f}) do not tell them apart"}
+    worse = 1 if low < high else 0
+    flagged = [bool(v) for v in labels == worse]
+    return {**ev, "flagged": flagged,
+            "reason": f"equal groups clearly apart (ratio {ratio:.3g} > {bar:g}); the group whose pipelines score "
+                      f"{min(low, high):.4f} against {max(low, high):.4f} flagged"}
+
+
+def update_outliers(updates: Sequence[Mapping[str, np.ndarray]], method: str, seed: int = 0,
+                    dims: int | None = None, separation: float | None = None,
+                    scores: Sequence[float] | None = None) -> tuple[list[bool], dict]:
+    """Stage 2 for one stage: ``updates`` are its trainers' updates, one per pipeline judged.
+
+    ``scores`` (the pipelines' accuracies) break a tie between two equal groups.
+    Returns flags per trainer and the evidence of every layer group.
+    """
+    n = len(updates)
+    groups = layer_groups(list(updates[0]))
+    votes = np.zeros(n, dtype=int)
+    evidence = {}
+    for layer, names in groups.items():
+        ev = split(np.stack([_vector(u, names) for u in updates]), method, seed, dims, separation)
+        ev = _tie_break(ev, scores, ev["separation"])
+        votes += np.asarray(ev["flagged"], dtype=int)
+        evidence[layer] = {k: ev[k] for k in ("points", "labels", "separation_ratio", "flagged", "reason")}
+    flags = [bool(2 * v >= len(groups)) and v > 0 for v in votes]
+    return flags, evidence
+
+
+def agreement(update: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray]) -> float:
+    """Cosine between the committed epoch gradient's descent direction and the applied update."""
+    names = sorted(set(update) & set(grad))
+    u, g = _vector(update, names), -_vector(grad, names)
+    nu, ng = float(np.linalg.norm(u)), float(np.linalg.norm(g))
+    if nu == 0 and ng == 0:
+        return 1.0
+    if nu == 0 or ng == 0:
+        return 0.0
+    return float(u @ g / (nu * ng))
+
+
+def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, int], Mapping[str, np.ndarray]],
+                grads: Mapping[tuple[int, int], Mapping[str, np.ndarray]], trainers: Mapping[tuple[int, int], str],
+                history: Mapping[str, Sequence[bool]], *, n_stages: int, tolerance: float, detection) -> dict:
+    """The epoch's verdicts document (without epoch and attempt).
+
+    ``accuracies[p]`` is None for a pipeline that no longer trains; ``updates``,
+    ``grads`` and ``trainers`` are keyed by (pipeline, stage) of the pipelines that
+    trained; ``history[address]`` holds the trainer's flags of earlier epochs, oldest
+    first. ``detection`` is the spec's ``DetectionSpec``.
+    """
+    active = [p for p, a in enumerate(accuracies) if a is not None]
+    s1, s1_info = score_outliers([accuracies[p] for p in active], tolerance, detection.mad_threshold)
+    stage1 = {p: f for p, f in zip(active, s1)}
+    run_stage2 = len(active) >= 3 and (detection.gradient_stage == "always" or any(s1))
+    if len(active) < 3:
+        stage2_note = f"{len(active)} pipelines: too few for the update stage to separate; scores alone judge"
+    elif not run_stage2:
+        stage2_note = "no score flagged: the update stage runs on a flag only"
+    else:
+        stage2_note = f"{detection.method} over the updates of each stage's {len(active)} trainers"
+    flagged_by_update: dict[tuple[int, int], bool] = {}
+    evidence: dict[tuple[int, int], dict] = {}
+    if run_stage2:
+        for s in range(n_stages):
+            flags, ev = update_outliers([updates[(p, s)] for p in active], detection.method,
+                                        dims=detection.dims, separation=detection.separation,
+                                        scores=[accuracies[p] for p in active])
+            for i, p in enumerate(active):
+                flagged_by_update[(p, s)] = flags[i]
+                evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
+    verdicts = []
+    for p in active:
+        for s in range(n_stages):
+            who = trainers[(p, s)]
+            agree = agreement(updates[(p, s)], grads[(p, s)])
+            reasons = []
+            if flagged_by_update.get((p, s)):
+                reasons.append(f"its update stands apart from stage {s}'s other trainers ({detection.method})")
+            if agree < detection.min_agreement:
+                reasons.append(f"its epoch gradient disagrees with its update (cosine {agree:.3f} "
+                               f"< {detection.min_agreement:g})")
+            flagged = bool(reasons)
+            past = list(history.get(who, []))[-(detection.window - 1):] if detection.window > 1 else []
+            count = sum(past) + flagged
+            malicious = flagged and count >= detection.evict_after
+            if malicious:
+                reasons.append(f"flagged in {count} of its last {len(past) + 1} epochs: evicted")
+            elif stage1.get(p) and not flagged:
+                reasons.append(f"pipeline {p} scored {accuracies[p]:.4f}, below the median {s1_info['median']:.4f}; "
+                               f"its update is not the outlier")
+            verdicts.append({"trainer": who, "slot": f"{p}/{s}", "flagged": flagged, "malicious": malicious,
+                             "agreement": agree, "reason": "; ".join(reasons) or "clean",
+                             "evidence": evidence.get((p, s), {})})
+    excluded = [accuracies[p] is None or stage1.get(p, False)
+                or any(flagged_by_update.get((p, s)) or False for s in range(n_stages)) for p in range(len(accuracies))]
+    for v in verdicts:
+        if v["flagged"]:
+            excluded[int(v["slot"].split("/")[0])] = True
+    return {"flagged": excluded, "score_flagged": [stage1.get(p, False) for p in range(len(accuracies))],
+            "stage1": s1_info, "stage2": stage2_note, "verdicts": verdicts}
