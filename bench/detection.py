@@ -392,8 +392,9 @@ def main() -> None:
                     jobs.append((n, kind, placement, seed))
     notes = [f"skipped {k} x {p}: label_flip needs the labels, which only the last stage sees" for k, p in skipped]
     if "same" in args.placements and args.kinds:
-        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the update stage never "
-                     "flags an equal split (no majority to trust), so only the score stage can act there")
+        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the update stage has no "
+                     "majority to trust there: two equal groups clearly apart are told apart only by their "
+                     "pipelines' scores")
     for line in notes:
         print(line)
     print(f"{len(jobs)} runs: P in {args.pipelines}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "

@@ -91,3 +91,16 @@ def test_a_dropped_pipeline_is_left_out():
     doc = judge_epoch([0.9, 0.9, 0.9, None], updates, grads, {(p, 0): f"t{p}" for p in range(3)}, {},
                       n_stages=1, tolerance=0.15, detection=DetectionSpec())
     assert doc["flagged"] == [False, False, False, True] and len(doc["verdicts"]) == 3
+
+
+def test_in_a_pipeline_only_the_last_flagged_stage_is_blamed():
+    """A last stage that poisons the gradients it sends back moves its pipeline's earlier update too."""
+    s0, s1 = _updates(4, {1: -1.0}, seed=1), _updates(4, {1: -1.0}, seed=2)
+    updates = {**{(p, 0): u for p, u in enumerate(s0)}, **{(p, 1): u for p, u in enumerate(s1)}}
+    grads = {k: {n: -v for n, v in u.items()} for k, u in updates.items()}
+    trainers = {k: f"t{k[0]}{k[1]}" for k in updates}
+    doc = judge_epoch([0.9] * 4, updates, grads, trainers, {}, n_stages=2, tolerance=0.15, detection=DetectionSpec())
+    flagged = {v["slot"]: v["flagged"] for v in doc["verdicts"]}
+    assert [s for s, f in flagged.items() if f] == ["1/1"]
+    assert "made of the gradients of stage 1" in next(v["reason"] for v in doc["verdicts"] if v["slot"] == "1/0")
+    assert doc["flagged"] == [False, True, False, False]

@@ -11,8 +11,10 @@ and the benchmark judge the same way:
   epoch (end weights minus the epoch's start weights) are compared across the
   pipelines, layer group by layer group, with 2-means on a projection (or
   MANDERA's ranks); a trainer flagged in at least half of its stage's layer groups
-  is flagged. Its committed epoch gradient must also point against its update
-  (cosine at least ``min_agreement``), or it is flagged for that.
+  is flagged; when several stages of one pipeline are, only the last of them is
+  blamed (the updates before it are made of the gradients it sent back). Its
+  committed epoch gradient must also point against its update (cosine at least
+  ``min_agreement``), or it is flagged for that.
 - a trainer flagged in ``evict_after`` of its last ``window`` epochs is evicted.
 A pipeline with a flagged trainer is left out of the epoch's global model.
 """
@@ -156,18 +158,29 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             for i, p in enumerate(active):
                 flagged_by_update[(p, s)] = flags[i]
                 evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
+    # Within a pipeline a stage's update is made of the gradients the stages after it send back: a stage
+    # that poisons them (label_flip) moves the updates before it too. Only the last flagged stage is blamed.
+    upstream: dict[tuple[int, int], int] = {}
+    for p in active:
+        hit = [s for s in range(n_stages) if flagged_by_update.get((p, s))]
+        for s in hit[:-1]:
+            flagged_by_update[(p, s)] = False
+            upstream[(p, s)] = hit[-1]
     verdicts = []
     for p in active:
         for s in range(n_stages):
             who = trainers[(p, s)]
             agree = agreement(updates[(p, s)], grads[(p, s)])
             reasons = []
+            if (p, s) in upstream:
+                reasons.append(f"its update stands apart too, but it is made of the gradients of stage "
+                               f"{upstream[(p, s)]}, which is blamed")
             if flagged_by_update.get((p, s)):
                 reasons.append(f"its update stands apart from stage {s}'s other trainers ({detection.method})")
             if agree < detection.min_agreement:
                 reasons.append(f"its epoch gradient disagrees with its update (cosine {agree:.3f} "
                                f"< {detection.min_agreement:g})")
-            flagged = bool(reasons)
+            flagged = bool(flagged_by_update.get((p, s)) or agree < detection.min_agreement)
             past = list(history.get(who, []))[-(detection.window - 1):] if detection.window > 1 else []
             count = sum(past) + flagged
             malicious = flagged and count >= detection.evict_after
@@ -181,6 +194,7 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
                              "evidence": evidence.get((p, s), {})})
     excluded = [accuracies[p] is None or stage1.get(p, False)
                 or any(flagged_by_update.get((p, s)) or False for s in range(n_stages)) for p in range(len(accuracies))]
+    # (a pipeline with a flagged stage is excluded whichever of its stages is blamed)
     for v in verdicts:
         if v["flagged"]:
             excluded[int(v["slot"].split("/")[0])] = True
