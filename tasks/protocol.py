@@ -57,7 +57,7 @@ def detect(job, epoch: int, attempt: int, scores: list[dict]) -> dict:
 
 
 @step("replace evicted")
-def replace_evicted(job, verdicts: dict) -> list[dict]:
+def replace_evicted(job, verdicts: dict | None = None) -> list[dict]:
     return steps.replace_evicted(job, verdicts)
 
 

@@ -435,25 +435,28 @@ def detect(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dic
     return doc
 
 
-def replace_evicted(job: Job, verdicts: dict) -> list[dict]:
+def replace_evicted(job: Job, verdicts: dict | None = None) -> list[dict]:
     """Each trainer evicted this epoch: its server hires a standby that offered to it and seals it the slot's keys.
 
     Without a standby the pipeline is dropped (it trains no more). Its processes
     are stopped either way, so that the next epoch starts them with the new trainer.
-    (A run resumed after a crash in here finds the evicted holder still in place and goes on.)
+    Without ``verdicts`` (a run resumed after a crash between an eviction and its
+    replacement) every evicted holder that a standby can still replace is replaced.
     """
     from tdml_core.chain.market import TRAINER
     from tdml_core.protocol.trainers import drop_trainers
 
     m, task = job.market, job.job_id
     done = []
-    now = {v["trainer"] for v in verdicts["verdicts"] if v["malicious"]}
+    now = None if verdicts is None else {v["trainer"] for v in verdicts["verdicts"] if v["malicious"]}
     for (p, s), trainer in sorted(job.people.trainers.items()):
-        if not job.ledger.evicted(trainer.address) or trainer.address not in now:
+        if not job.ledger.evicted(trainer.address) or (now is not None and trainer.address not in now):
             continue
         server = job.people.servers[p]
         free = [sb for sb in job.people.standbys if m.role(task, sb.address) == 0
                 and m.offer_server(task, sb.address) == server.address]
+        if not free and now is None:
+            continue  # already dropped
         drop_trainers(job, p)
         if not free:
             done.append({"slot": f"{p}/{s}", "evicted": trainer.address, "replacement": None})
