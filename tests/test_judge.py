@@ -104,3 +104,17 @@ def test_in_a_pipeline_only_the_last_flagged_stage_is_blamed():
     assert [s for s, f in flagged.items() if f] == ["1/1"]
     assert "made of the gradients of stage 1" in next(v["reason"] for v in doc["verdicts"] if v["slot"] == "1/0")
     assert doc["flagged"] == [False, True, False, False]
+
+
+def test_noise_agrees_with_nobody_even_from_half_the_stage():
+    rng = np.random.default_rng(3)
+    ups = _updates(4, {})
+    for p in (1, 2):  # Gaussian noise, far larger than the honest updates
+        ups[p] = {k: rng.normal(0, 14, v.shape) for k, v in ups[p].items()}
+    doc = _judge([0.3, 0.1, 0.1, 0.3], ups)
+    assert [v["flagged"] for v in doc["verdicts"]] == [False, True, True, False]
+    assert "agrees with no other trainer" in doc["verdicts"][1]["reason"]
+    assert doc["verdicts"][1]["similarity"] < 0.05 < doc["verdicts"][0]["similarity"]
+    lazy = _updates(4, {})
+    lazy[3] = {k: np.zeros_like(v) for k, v in lazy[3].items()}  # no update at all
+    assert [v["flagged"] for v in _judge([0.9] * 4, lazy)["verdicts"]] == [False, False, False, True]

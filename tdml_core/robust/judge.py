@@ -11,7 +11,9 @@ and the benchmark judge the same way:
   epoch (end weights minus the epoch's start weights) are compared across the
   pipelines, layer group by layer group, with 2-means on a projection (or
   MANDERA's ranks); a trainer flagged in at least half of its stage's layer groups
-  is flagged; when several stages of one pipeline are, only the last of them is
+  is flagged, and so is one whose update agrees with no other trainer's of its
+  stage (largest cosine below ``min_similarity``: noise, or no update); when
+  several stages of one pipeline are, only the last of them is
   blamed (the updates before it are made of the gradients it sent back). Its
   committed epoch gradient must also point against its update (cosine at least
   ``min_agreement``), or it is flagged for that.
@@ -116,6 +118,24 @@ def update_outliers(updates: Sequence[Mapping[str, np.ndarray]], method: str, se
     return flags, evidence
 
 
+def loners(updates: Sequence[Mapping[str, np.ndarray]], min_similarity: float) -> tuple[list[bool], list[float]]:
+    """Trainers whose update agrees with no other trainer's of the stage (largest cosine below ``min_similarity``).
+
+    Honest updates from the same start on shards of one dataset point the same way;
+    noise, or no update at all, agrees with nobody, however many send it.
+    """
+    names = sorted(updates[0])
+    x = np.stack([_vector(u, names) for u in updates])
+    norms = np.linalg.norm(x, axis=1)
+    safe = np.where(norms > 0, norms, 1.0)
+    cos = (x @ x.T) / np.outer(safe, safe)
+    cos[norms == 0, :] = 0.0
+    cos[:, norms == 0] = 0.0
+    np.fill_diagonal(cos, -np.inf)
+    best = cos.max(axis=1)
+    return [bool(b < min_similarity) for b in best], [float(b) for b in best]
+
+
 def agreement(update: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray]) -> float:
     """Cosine between the committed epoch gradient's descent direction and the applied update."""
     names = sorted(set(update) & set(grad))
@@ -149,14 +169,18 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
     else:
         stage2_note = f"{detection.method} over the updates of each stage's {len(active)} trainers"
     flagged_by_update: dict[tuple[int, int], bool] = {}
+    similarity: dict[tuple[int, int], float] = {}
+    alone: dict[tuple[int, int], bool] = {}
     evidence: dict[tuple[int, int], dict] = {}
     if run_stage2:
         for s in range(n_stages):
-            flags, ev = update_outliers([updates[(p, s)] for p in active], detection.method,
-                                        dims=detection.dims, separation=detection.separation,
-                                        scores=[accuracies[p] for p in active])
+            stage_updates = [updates[(p, s)] for p in active]
+            flags, ev = update_outliers(stage_updates, detection.method, dims=detection.dims,
+                                        separation=detection.separation, scores=[accuracies[p] for p in active])
+            lone, best = loners(stage_updates, detection.min_similarity)
             for i, p in enumerate(active):
-                flagged_by_update[(p, s)] = flags[i]
+                flagged_by_update[(p, s)] = flags[i] or lone[i]
+                alone[(p, s)], similarity[(p, s)] = lone[i], best[i]
                 evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
     # Within a pipeline a stage's update is made of the gradients the stages after it send back: a stage
     # that poisons them (label_flip) moves the updates before it too. Only the last flagged stage is blamed.
@@ -175,7 +199,10 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             if (p, s) in upstream:
                 reasons.append(f"its update stands apart too, but it is made of the gradients of stage "
                                f"{upstream[(p, s)]}, which is blamed")
-            if flagged_by_update.get((p, s)):
+            if flagged_by_update.get((p, s)) and alone.get((p, s)):
+                reasons.append(f"its update agrees with no other trainer's of stage {s} (largest cosine "
+                               f"{similarity[(p, s)]:.3f} < {detection.min_similarity:g})")
+            elif flagged_by_update.get((p, s)):
                 reasons.append(f"its update stands apart from stage {s}'s other trainers ({detection.method})")
             if agree < detection.min_agreement:
                 reasons.append(f"its epoch gradient disagrees with its update (cosine {agree:.3f} "
@@ -190,7 +217,7 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
                 reasons.append(f"pipeline {p} scored {accuracies[p]:.4f}, below the median {s1_info['median']:.4f}; "
                                f"its update is not the outlier")
             verdicts.append({"trainer": who, "slot": f"{p}/{s}", "flagged": flagged, "malicious": malicious,
-                             "agreement": agree, "reason": "; ".join(reasons) or "clean",
+                             "agreement": agree, "similarity": similarity.get((p, s)), "reason": "; ".join(reasons) or "clean",
                              "evidence": evidence.get((p, s), {})})
     excluded = [accuracies[p] is None or stage1.get(p, False)
                 or any(flagged_by_update.get((p, s)) or False for s in range(n_stages)) for p in range(len(accuracies))]
