@@ -413,9 +413,16 @@ def judge(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dict
 
     active = [p for p, sc in enumerate(scores) if sc is not None]
     updates, grads, writers = epoch_updates(job, epoch, attempt, active)
+    fresh = []  # pipelines whose processes started anew with a replacement: a slot's writer changed
+    if epoch > 0:
+        before = job.attempt(epoch - 1)
+        for p in active:
+            if any((c := job.commitment(epoch - 1, Kind.WEIGHTS, p, s, before)) is not None
+                   and c.writer != writers[(p, s)] for s in range(job.n_stages)):
+                fresh.append(p)
     doc = judge_epoch([None if sc is None else sc["accuracy"] for sc in scores], updates, grads, writers,
                       flag_history(job, epoch), n_stages=job.n_stages, tolerance=job.spec.protocol.score_tolerance,
-                      detection=job.spec.detection)
+                      detection=job.spec.detection, fresh=fresh)
     return {"epoch": epoch, "attempt": attempt, **doc}
 
 

@@ -150,13 +150,16 @@ def agreement(update: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray]) 
 
 def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, int], Mapping[str, np.ndarray]],
                 grads: Mapping[tuple[int, int], Mapping[str, np.ndarray]], trainers: Mapping[tuple[int, int], str],
-                history: Mapping[str, Sequence[bool]], *, n_stages: int, tolerance: float, detection) -> dict:
+                history: Mapping[str, Sequence[bool]], *, n_stages: int, tolerance: float, detection,
+                fresh: Sequence[int] = ()) -> dict:
     """The epoch's verdicts document (without epoch and attempt).
 
     ``accuracies[p]`` is None for a pipeline that no longer trains; ``updates``,
     ``grads`` and ``trainers`` are keyed by (pipeline, stage) of the pipelines that
     trained; ``history[address]`` holds the trainer's flags of earlier epochs, oldest
-    first. ``detection`` is the spec's ``DetectionSpec``.
+    first. ``detection`` is the spec's ``DetectionSpec``. ``fresh`` pipelines started the epoch with
+    a new trainer (a replacement): their optimizer state is new, so their updates differ in size from
+    the others' and the two-means split does not judge them that epoch (the other tests still do).
     """
     active = [p for p, a in enumerate(accuracies) if a is not None]
     s1, s1_info = score_outliers([accuracies[p] for p in active], tolerance, detection.mad_threshold)
@@ -179,7 +182,7 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
                                         separation=detection.separation, scores=[accuracies[p] for p in active])
             lone, best = loners(stage_updates, detection.min_similarity)
             for i, p in enumerate(active):
-                flagged_by_update[(p, s)] = flags[i] or lone[i]
+                flagged_by_update[(p, s)] = (flags[i] and p not in fresh) or lone[i]
                 alone[(p, s)], similarity[(p, s)] = lone[i], best[i]
                 evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
     # Within a pipeline a stage's update is made of the gradients the stages after it send back: a stage
@@ -196,6 +199,9 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             who = trainers[(p, s)]
             agree = agreement(updates[(p, s)], grads[(p, s)])
             reasons = []
+            if p in fresh and not flagged_by_update.get((p, s)):
+                reasons.append("first epoch with a new trainer in its pipeline (new optimizer state): "
+                               "the two-means split does not judge it")
             if (p, s) in upstream:
                 reasons.append(f"its update stands apart too, but it is made of the gradients of stage "
                                f"{upstream[(p, s)]}, which is blamed")
