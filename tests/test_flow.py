@@ -117,19 +117,18 @@ def test_one_flipped_byte_in_the_store_fails_the_audit(finished_run, tmp_path, k
     assert cli.returncode == 1 and "FAIL" in cli.stdout and target["cid"] in cli.stdout
 
 
-def test_a_changed_committed_score_fails_the_audit(finished_run, tmp_path):
-    """A validator that commits a score its model does not earn: the audit re-evaluates and says so."""
+def _recommit_doc(run: Path, kind, epoch: int, pipeline: int, edit) -> None:
+    """Rewrite the journal so that the (epoch, kind, pipeline) commitment names ``edit(doc)`` instead,
+    signed again by the key that signed it: a participant committing a document of its own making."""
     from eth_account import Account
     from eth_account.typed_transactions import TypedTransaction
     from hexbytes import HexBytes
     from web3 import Web3
 
     from tdml_core.chain.compile import compile_contract
-    from tdml_core.chain.market import Kind
     from tdml_core.identity import Identity
     from tdml_core.protocol.audit import Auditor
 
-    run = _copy(finished_run, tmp_path)
     job = Auditor(run, say=lambda _: None).job
     ledger = Web3().eth.contract(abi=compile_contract("Ledger").abi)
     keys = {i.address: i for i in (Identity.load(p) for p in (run / "keys").glob("*.json"))}
@@ -141,19 +140,30 @@ def test_a_changed_committed_score_fails_the_audit(finished_run, tmp_path):
         if len(tx.get("to") or b"") != 20 or Web3.to_checksum_address(tx["to"]) != job.ledger.address:
             continue
         fn, args = ledger.decode_function_input(tx["data"])
-        if fn.fn_name == "commit" and args["kind"] == Kind.SCORE and args["epoch"] == 1 and args["pipeline"] == 0:
+        if fn.fn_name == "commit" and args["kind"] == kind and args["epoch"] == epoch and args["pipeline"] == pipeline:
             break
     else:
-        pytest.fail("no score commitment found in the journal")
-    doc = job.get_doc(job.must(1, Kind.SCORE, 0, 0, args["attempt"]), Kind.SCORE, 0)
-    doc["accuracy"] = round(doc["accuracy"] - 0.25, 6)
-    cid, dig = job.put_doc(Kind.SCORE, doc, 0)
-    validator = keys[Account.recover_transaction(bytes.fromhex(entry["raw"]))]
+        pytest.fail(f"no {kind!r} commitment of epoch {epoch} pipeline {pipeline} found in the journal")
+    doc = edit(job.get_doc(job.must(epoch, kind, pipeline, 0, args["attempt"]), kind, pipeline))
+    cid, dig = job.put_doc(kind, doc, pipeline)
+    signer = keys[Account.recover_transaction(bytes.fromhex(entry["raw"]))]
     tx = {k: v for k, v in tx.items() if k not in ("v", "r", "s", "type")}
-    tx["data"] = ledger.encode_abi("commit", [1, Kind.SCORE, 0, 0, args["attempt"], cid, bytes.fromhex(dig)])
-    signed = validator.account.sign_transaction(tx)
+    tx["data"] = ledger.encode_abi("commit", [epoch, kind, pipeline, 0, args["attempt"], cid, bytes.fromhex(dig)])
+    signed = signer.account.sign_transaction(tx)
     lines[n] = json.dumps({**entry, "hash": signed.hash.hex(), "status": 1, "raw": bytes(signed.raw_transaction).hex()})
     journal.write_text("\n".join(lines) + "\n")
+
+
+def test_a_changed_committed_score_fails_the_audit(finished_run, tmp_path):
+    """A validator that commits a score its model does not earn: the audit re-evaluates and says so."""
+    from tdml_core.chain.market import Kind
+
+    def lower(doc):
+        doc["accuracy"] = round(doc["accuracy"] - 0.25, 6)
+        return doc
+
+    run = _copy(finished_run, tmp_path)
+    _recommit_doc(run, Kind.SCORE, 1, 0, lower)
 
     with pytest.raises(AuditFailure, match=r"epoch 1 pipeline 0: committed score accuracy"):
         _quiet_audit(run)
@@ -415,42 +425,15 @@ def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re
 
 def test_a_verdict_altered_by_the_aggregator_fails_the_audit_naming_it(attacked_run, tmp_path):
     """The aggregating server commits verdicts that clear the attacker at epoch 1: the audit re-derives and says so."""
-    from eth_account import Account
-    from eth_account.typed_transactions import TypedTransaction
-    from hexbytes import HexBytes
-    from web3 import Web3
-
-    from tdml_core.chain.compile import compile_contract
     from tdml_core.chain.market import Kind
-    from tdml_core.identity import Identity
-    from tdml_core.protocol.audit import Auditor
+
+    def clear(doc):
+        (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/0"]
+        v["flagged"], v["reason"] = False, "clean"
+        return doc
 
     run = _copy(attacked_run, tmp_path)
-    job = Auditor(run, say=lambda _: None).job
-    ledger = Web3().eth.contract(abi=compile_contract("Ledger").abi)
-    keys = {i.address: i for i in (Identity.load(p) for p in (run / "keys").glob("*.json"))}
-    journal = run / "chain.jsonl"
-    lines = journal.read_text().splitlines()
-    for n, line in enumerate(lines):
-        entry = json.loads(line)
-        tx = TypedTransaction.from_bytes(HexBytes(entry["raw"])).as_dict()
-        if len(tx.get("to") or b"") != 20 or Web3.to_checksum_address(tx["to"]) != job.ledger.address:
-            continue
-        fn, args = ledger.decode_function_input(tx["data"])
-        if fn.fn_name == "commit" and args["kind"] == Kind.VERDICTS and args["epoch"] == 1:
-            break
-    else:
-        pytest.fail("no verdicts commitment found in the journal")
-    doc = job.get_doc(job.must(1, Kind.VERDICTS, attempt=args["attempt"]), Kind.VERDICTS)
-    (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/0"]
-    v["flagged"], v["reason"] = False, "clean"
-    cid, dig = job.put_doc(Kind.VERDICTS, doc)
-    server = keys[Account.recover_transaction(bytes.fromhex(entry["raw"]))]
-    tx = {k: v for k, v in tx.items() if k not in ("v", "r", "s", "type")}
-    tx["data"] = ledger.encode_abi("commit", [1, Kind.VERDICTS, 0, 0, args["attempt"], cid, bytes.fromhex(dig)])
-    signed = server.account.sign_transaction(tx)
-    lines[n] = json.dumps({**entry, "hash": signed.hash.hex(), "status": 1, "raw": bytes(signed.raw_transaction).hex()})
-    journal.write_text("\n".join(lines) + "\n")
+    _recommit_doc(run, Kind.VERDICTS, 1, 0, clear)
 
     with pytest.raises(AuditFailure, match=r"epoch 1: the verdict on trainer 1/0 is .*'flagged': False"):
         _quiet_audit(run)
