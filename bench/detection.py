@@ -103,103 +103,143 @@ def _stage_points(doc: dict, active: list[int], n_stages: int) -> dict:
     return out
 
 
-def run_one(n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,
-            detectors: list[str]) -> dict:
-    """Train one spec, judging every epoch with every detector; detectors[0] decides."""
-    import torch
+def inside_ratio(updates: dict, stage: int, attacker: int, honest: list[int]) -> float | None:
+    """How far the attacker's update lies from its stage's honest trainers, against their own spread.
 
-    from tdml_core.model.split import quiet_trace_warnings
+    Per layer group: the attacker's distance to the honest mean over the largest distance of an
+    honest update to that mean, in the full update space; the largest of the layer groups. Below 1
+    the attacker is nearer the honest centre than some honest trainer is, in every layer: a rule
+    that flags it flags that honest trainer too.
+    """
+    import numpy as np
+
+    from tdml_core.robust.judge import layer_groups
+
+    if len(honest) < 2:
+        return None
+    worst = 0.0
+    for names in layer_groups(list(updates[(attacker, stage)])).values():
+        vec = {p: np.concatenate([np.ravel(updates[(p, stage)][n]) for n in names]) for p in honest + [attacker]}
+        centre = np.mean([vec[p] for p in honest], axis=0)
+        spread = max(float(np.linalg.norm(vec[p] - centre)) for p in honest)
+        if spread > 0:
+            worst = max(worst, float(np.linalg.norm(vec[attacker] - centre)) / spread)
+    return worst
+
+
+def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,
+            detectors: list[str], standbys: bool = True) -> dict:
+    """Train one spec on ``cluster`` (reset for it), judging every epoch with every detector; detectors[0] decides.
+
+    An evicted trainer is replaced by an honest one (new optimizer, none of the attacks) that trains
+    from the next epoch's global model, as the protocol's standby does; ``standbys=False`` drops its
+    pipeline instead.
+    """
     from tdml_core.robust.combine import combine
     from tdml_core.robust.judge import judge_epoch
     from tdml_core.robust.validate import evaluate
-    from tdml_core.runtime.cluster import PipelineCluster
-    from tdml_core.runtime.context import load_job, make_plan
+    from tdml_core.runtime.context import load_job
 
-    quiet_trace_warnings()
     slots = slots_for(placement, n_pipelines) if kind else []
     spec = job_spec(n_pipelines, epochs, seed, kind, slots)
     n_stages = 2
     ds, model = load_job(spec)
-    plan = make_plan(spec, model, ds)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = {(p, s): f"{p}/{s}" for p in range(n_pipelines) for s in range(n_stages)}
+    bad = set(slots)  # the attackers' trainer names (a slot's first trainer is named by the slot)
     methods = {m: spec.detection.model_copy(update={"method": m}) for m in detectors}
-    history = {m: {n: [] for n in names.values()} for m in detectors}
+    history = {m: {} for m in detectors}
     active = list(range(n_pipelines))
-    evicted: dict[str, int] = {}  # slot -> epoch, by the deciding detector
-    would_evict = {m: {} for m in detectors}  # slot -> epoch each detector would have evicted at
+    evicted: dict[str, int] = {}  # trainer -> epoch, by the deciding detector
+    would_evict = {m: {} for m in detectors}  # trainer -> epoch each detector would have evicted at
+    replacements: list[str] = []
+    fresh: set[int] = set()
     records = []
     t0 = time.perf_counter()
-    # a fresh folder: the default one is shared by all clusters of this process, and colluders of a
-    # later run would read the honest updates an earlier run left there under the same epoch/stage/pipeline
+    # a fresh folder: colluders of a later run would otherwise read the honest updates an earlier run
+    # left there under the same epoch/stage/pipeline
     collusion = tempfile.mkdtemp(prefix="tdml-bench-collusion-")
     try:
-        with PipelineCluster(spec, plan, collusion_dir=collusion) as cluster:
-            startup_s = time.perf_counter() - t0
-            for epoch in range(epochs):
-                te = time.perf_counter()
-                locals_ = cluster.train_epoch(epoch, global_state)
-                # an evicted trainer's pipeline still trains in the cluster; its output is ignored
-                accuracies: list[float | None] = [None] * n_pipelines
-                for p in active:
-                    model.load_state_dict(locals_[p]["state"])
-                    accuracies[p] = evaluate(model, ds.test_x, ds.test_y)[0]
-                updates = {(p, s): _update(global_state, locals_[p]["stages"][s])
-                           for p in active for s in range(n_stages)}
-                # Without the store, train_epoch returns no epoch gradient. Passing the negated update makes
-                # the gradient-agreement check pass trivially (cosine 1), as it does for an attacker whose
-                # forged gradient agrees with its attacked update: only the update stage can catch it here.
-                grads = {slot: {k: -v for k, v in u.items()} for slot, u in updates.items()}
-                trainers = {slot: names[slot] for slot in updates}
-                record = {"epoch": epoch, "active": list(active), "accuracies": accuracies, "detectors": {}}
-                decision = None
-                for m in detectors:
-                    if not active:
-                        break
-                    doc = judge_epoch(accuracies, updates, grads, trainers, history[m], n_stages=n_stages,
-                                      tolerance=spec.protocol.score_tolerance, detection=methods[m])
-                    for v in doc["verdicts"]:
-                        history[m][v["trainer"]].append(v["flagged"])
-                        if v["malicious"]:
-                            would_evict[m].setdefault(v["slot"], epoch)
-                    record["detectors"][m] = {
-                        "flagged": sorted(v["slot"] for v in doc["verdicts"] if v["flagged"]),
-                        "malicious": sorted(v["slot"] for v in doc["verdicts"] if v["malicious"]),
-                        "score_flagged": [p for p in active if doc["score_flagged"][p]],
-                        "excluded": [p for p in active if doc["flagged"][p]],
-                        "stage1": doc["stage1"], "stage2": doc["stage2"],
-                        "separation_ratios": _stage_evidence(doc, active, n_stages, "separation_ratio"),
-                        "layer_reasons": _stage_evidence(doc, active, n_stages, "reason"),
-                        "reasons": {v["slot"]: v["reason"] for v in doc["verdicts"] if v["flagged"]},
-                    }
-                    if m == detectors[0]:
-                        decision = doc
-                        record["points"] = _stage_points(doc, active, n_stages)
-                eligible = [p for p in active if decision is not None and not decision["flagged"][p]]
-                if eligible:
-                    global_state, chosen, _ = combine("top_k", global_state, [lc["state"] for lc in locals_],
-                                                      accuracies, eligible, top_k=spec.top_k)
-                else:  # every pipeline flagged: the global model stays as it was
-                    chosen = []
-                record["aggregated"] = chosen
-                if decision is not None:
-                    for v in decision["verdicts"]:
-                        if v["malicious"]:
-                            evicted.setdefault(v["slot"], epoch)
-                            p = int(v["slot"].split("/")[0])
-                            if p in active:
-                                active.remove(p)
-                model.load_state_dict(global_state)
-                record["global_accuracy"] = evaluate(model, ds.test_x, ds.test_y)[0]
-                record["wall_s"] = time.perf_counter() - te
-                records.append(record)
+        cluster.reset(spec.attacks, collusion)
+        for epoch in range(epochs):
+            te = time.perf_counter()
+            locals_ = cluster.train_epoch(epoch, global_state)
+            # a dropped pipeline still trains in the cluster; its output is ignored
+            accuracies: list[float | None] = [None] * n_pipelines
+            for p in active:
+                model.load_state_dict(locals_[p]["state"])
+                accuracies[p] = evaluate(model, ds.test_x, ds.test_y)[0]
+            updates = {(p, s): _update(global_state, locals_[p]["stages"][s])
+                       for p in active for s in range(n_stages)}
+            # Without the store, train_epoch returns no epoch gradient. Passing the negated update makes
+            # the gradient-agreement check pass trivially (cosine 1), as it does for an attacker whose
+            # forged gradient agrees with its attacked update: only the update stage can catch it here.
+            grads = {slot: {k: -v for k, v in u.items()} for slot, u in updates.items()}
+            trainers = {slot: names[slot] for slot in updates}
+            inside = {}
+            for who in sorted(bad):
+                p, s = map(int, who.split("/"))
+                if p in active and names[(p, s)] == who:
+                    honest = [q for q in active if names[(q, s)] not in bad]
+                    inside[who] = inside_ratio(updates, s, p, honest)
+            record = {"epoch": epoch, "active": list(active), "fresh": sorted(fresh), "accuracies": accuracies,
+                      "inside": inside, "detectors": {}}
+            decision = None
+            for m in detectors:
+                if not active:
+                    break
+                doc = judge_epoch(accuracies, updates, grads, trainers, history[m], n_stages=n_stages,
+                                  tolerance=spec.protocol.score_tolerance, detection=methods[m], fresh=sorted(fresh))
+                for v in doc["verdicts"]:
+                    history[m].setdefault(v["trainer"], []).append(v["flagged"])
+                    if v["malicious"]:
+                        would_evict[m].setdefault(v["trainer"], epoch)
+                record["detectors"][m] = {
+                    "flagged": sorted(v["trainer"] for v in doc["verdicts"] if v["flagged"]),
+                    "malicious": sorted(v["trainer"] for v in doc["verdicts"] if v["malicious"]),
+                    "score_flagged": [p for p in active if doc["score_flagged"][p]],
+                    "excluded": [p for p in active if doc["flagged"][p]],
+                    "stage1": doc["stage1"], "stage2": doc["stage2"],
+                    "separation_ratios": _stage_evidence(doc, active, n_stages, "separation_ratio"),
+                    "layer_reasons": _stage_evidence(doc, active, n_stages, "reason"),
+                    "reasons": {v["trainer"]: v["reason"] for v in doc["verdicts"] if v["flagged"]},
+                }
+                if m == detectors[0]:
+                    decision = doc
+                    record["points"] = _stage_points(doc, active, n_stages)
+                    record["point_trainers"] = {str(s): [names[(p, s)] for p in active] for s in range(n_stages)}
+            eligible = [p for p in active if decision is not None and not decision["flagged"][p]]
+            if eligible:
+                global_state, chosen, _ = combine("top_k", global_state, [lc["state"] for lc in locals_],
+                                                  accuracies, eligible, top_k=spec.top_k)
+            else:  # every pipeline flagged: the global model stays as it was
+                chosen = []
+            record["aggregated"] = chosen
+            fresh = set()
+            if decision is not None:
+                for v in decision["verdicts"]:
+                    if not v["malicious"]:
+                        continue
+                    evicted.setdefault(v["trainer"], epoch)
+                    p, s = map(int, v["slot"].split("/"))
+                    if standbys:
+                        cluster.replace([(p, s)])
+                        names[(p, s)] = f"{p}/{s}+{len(replacements) + 1}"
+                        replacements.append(names[(p, s)])
+                        fresh.add(p)
+                    elif p in active:
+                        active.remove(p)
+            model.load_state_dict(global_state)
+            record["global_accuracy"] = evaluate(model, ds.test_x, ds.test_y)[0]
+            record["wall_s"] = time.perf_counter() - te
+            records.append(record)
     finally:
         shutil.rmtree(collusion, ignore_errors=True)
     return {
         "pipelines": n_pipelines, "kind": kind or "none", "placement": placement if kind else "-", "seed": seed,
-        "epochs": epochs, "malicious": slots, "n_trainers": n_pipelines * n_stages,
-        "evicted": evicted, "would_evict": would_evict, "final_accuracy": records[-1]["global_accuracy"],
-        "startup_s": startup_s, "wall_s": time.perf_counter() - t0, "records": records,
+        "epochs": epochs, "malicious": slots, "n_trainers": n_pipelines * n_stages + len(replacements),
+        "replacements": replacements, "evicted": evicted, "would_evict": would_evict,
+        "final_accuracy": records[-1]["global_accuracy"], "wall_s": time.perf_counter() - t0, "records": records,
     }
 
 
@@ -240,8 +280,9 @@ def table(runs: list[dict], detectors: list[str]) -> str:
     for r in runs:
         groups.setdefault((r["pipelines"], r["kind"], r["placement"]), []).append(r)
     head = ("| P | kind | placement | detector | recall | false positives (of honest) | honest evicted "
-            "| first detection epoch | eviction epoch (evicted/attackers) | final validation accuracy (clean) |")
-    lines = [head, "|" + "---|" * 10]
+            "| first detection epoch | eviction epoch (evicted/attackers) | attacker distance / farthest honest "
+            "| final held-out accuracy (clean) |")
+    lines = [head, "|" + "---|" * 11]
     order = {k: i for i, k in enumerate(("none",) + ATTACK_KINDS + ("-",) + PLACEMENTS)}
     for (n, kind, placement), rs in sorted(groups.items(),
                                            key=lambda g: (g[0][0], order[g[0][1]], order.get(g[0][2], 99))):
@@ -250,6 +291,7 @@ def table(runs: list[dict], detectors: list[str]) -> str:
             recall = _mean([s["recall"] for s in sums])
             fp = _mean([s["false_positives"] for s in sums])
             he = _mean([s["honest_evicted"] for s in sums])
+            honest = _mean([s["honest"] for s in sums])
             firsts = [e for s in sums for e in s["first_detection"].values()]
             evs = [e for s in sums for e in s["eviction"].values()]
             n_bad = len(evs)
@@ -259,10 +301,13 @@ def table(runs: list[dict], detectors: list[str]) -> str:
             if m == detectors[0]:
                 acc = _mean([r["final_accuracy"] for r in rs])
                 acc_s = f"{acc:.3f} ({_fmt(_mean(clean.get(n, [])), 3)})"
+                inside = [x for r in rs for rec in r["records"] for x in rec.get("inside", {}).values()
+                          if x is not None]
+                inside_s = f"{statistics.median(inside):.2f} (max {max(inside):.2f})" if inside else "—"
             else:
-                acc_s = "post hoc, same runs"
-            lines.append(f"| {n} | {kind} | {placement} | {m} | {_fmt(recall)} | {_fmt(fp, 1)}/{sums[0]['honest']} "
-                         f"| {_fmt(he, 1)} | {first_s} | {evict_s} | {acc_s} |")
+                acc_s = inside_s = "post hoc, same runs"
+            lines.append(f"| {n} | {kind} | {placement} | {m} | {_fmt(recall)} | {_fmt(fp, 1)}/{_fmt(honest, 1)} "
+                         f"| {_fmt(he, 1)} | {first_s} | {evict_s} | {inside_s} | {acc_s} |")
     return "\n".join(lines)
 
 
@@ -326,7 +371,8 @@ def figure(runs: list[dict], layer: str, epoch: int, path: Path) -> str | None:
     for ax, (kind, r, stage, lay, pts) in zip(axes[0], panels):
         ev = pts[lay]
         bad = set(r["malicious"])
-        for (x, *rest), slot, flag in zip(ev["points"], pts["slots"], ev["flagged"]):
+        who = r["records"][epoch].get("point_trainers", {}).get(stage, pts["slots"])
+        for (x, *rest), slot, flag in zip(ev["points"], who, ev["flagged"]):
             y = rest[0] if rest else 0.0
             mal = slot in bad
             ax.scatter([x], [y], marker="X" if mal else "o", s=110 if mal else 60,
@@ -359,6 +405,8 @@ def main() -> None:
     ap.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS,
                     help="the first decides (flags, evictions); the others judge the same epochs post hoc")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean baseline runs")
+    ap.add_argument("--no-standby", action="store_true",
+                    help="drop an evicted trainer's pipeline instead of replacing the trainer")
     ap.add_argument("--figure-layer", default="fc1", help="layer group drawn in the projection figure")
     ap.add_argument("--figure-epoch", type=int, default=0, help="epoch drawn in the projection figure")
     ap.add_argument("--out", default=str(RESULTS))
@@ -400,24 +448,57 @@ def main() -> None:
     print(f"{len(jobs)} runs: P in {args.pipelines}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
           f"deciding detector {args.detectors[0]}", flush=True)
 
+    from tdml_core.model.split import quiet_trace_warnings
+    from tdml_core.runtime.cluster import PipelineCluster
+    from tdml_core.runtime.context import load_job, make_plan
+
+    quiet_trace_warnings()
     runs, failures = [], []
     t_all = time.perf_counter()
-    for i, (n, kind, placement, seed) in enumerate(jobs, 1):
-        label = f"P={n} {kind or 'clean'} {placement} seed {seed}"
-        try:
-            r = run_one(n, kind, placement, seed, args.epochs, args.detectors)
-        except Exception as exc:  # one failed run does not lose the others
-            failures.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})
-            print(f"[{i}/{len(jobs)}] {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
-            continue
-        r["decider"] = args.detectors[0]
-        runs.append(r)
-        s = detector_summary(r, args.detectors[0])
-        print(f"[{i}/{len(jobs)}] {label}: {r['wall_s']:.1f} s (start-up {r['startup_s']:.1f} s), "
-              f"attackers {r['malicious'] or '-'}, flagged first {s['first_detection'] or '-'}, "
-              f"evicted {r['evicted'] or '-'}, FP {s['false_positives']}, acc {r['final_accuracy']:.3f}", flush=True)
+    cluster, key = None, None
+    try:
+        for i, (n, kind, placement, seed) in enumerate(jobs, 1):
+            label = f"P={n} {kind or 'clean'} {placement} seed {seed}"
+            try:
+                if cluster is None or key != (n, seed):
+                    # one set of stage processes per (P, seed), reset for every run (attacks, optimizers)
+                    if cluster is not None:
+                        cluster.close()
+                        cluster = None
+                    t = time.perf_counter()
+                    base = job_spec(n, args.epochs, seed, None, [])
+                    ds, model = load_job(base)
+                    cluster, key = PipelineCluster(base, make_plan(base, model, ds)).start(), (n, seed)
+                    print(f"P={n} seed {seed}: {2 * n} stage processes started in {time.perf_counter() - t:.1f} s",
+                          flush=True)
+                r = run_one(cluster, n, kind, placement, seed, args.epochs, args.detectors,
+                            standbys=not args.no_standby)
+            except Exception as exc:  # one failed run does not lose the others
+                failures.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})
+                print(f"[{i}/{len(jobs)}] {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
+                if cluster is not None:
+                    cluster.close()
+                cluster = None
+                continue
+            r["decider"] = args.detectors[0]
+            runs.append(r)
+            s = detector_summary(r, args.detectors[0])
+            print(f"[{i}/{len(jobs)}] {label}: {r['wall_s']:.1f} s, attackers {r['malicious'] or '-'}, "
+                  f"flagged first {s['first_detection'] or '-'}, evicted {r['evicted'] or '-'}, "
+                  f"FP {s['false_positives']}, acc {r['final_accuracy']:.3f}", flush=True)
+            save_json(args, out, runs, notes, failures, time.perf_counter() - t_all)  # nothing lost if stopped
+    finally:
+        if cluster is not None:
+            cluster.close()
     total_s = time.perf_counter() - t_all
     report(args, out, runs, notes, failures, total_s)
+
+
+def save_json(args, out: Path, runs: list[dict], notes: list[str], failures: list[dict], total_s: float) -> None:
+    tmp = out / ".detection.json.tmp"
+    tmp.write_text(json.dumps({"args": vars(args), "notes": notes, "failures": failures,
+                               "total_s": total_s, "runs": runs}, indent=1))
+    tmp.replace(out / "detection.json")
 
 
 def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[dict], total_s: float) -> None:
@@ -434,13 +515,18 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
               f"--kinds {' '.join(args.kinds)} --placements {' '.join(args.placements)} --seeds {args.seeds} "
               f"--epochs {args.epochs} --detectors {' '.join(args.detectors)}` ({len(runs)} runs, {total_s:.0f} s)\n\n"
               f"digits, P pipelines x 2 stages; {args.detectors[0]} decides (flagged pipelines out of the global "
-              f"model, evicted trainers' pipelines dropped), the other detectors judge the same epochs post hoc. "
-              f"Recall: attackers ever flagged; false positives: honest trainers ever flagged; means over seeds; "
-              f"epochs from 0.\n\n")
+              f"model, evicted trainers " + ("' pipelines dropped" if args.__dict__.get("no_standby") else
+                                             "replaced by honest standbys from the next epoch") +
+              f"), the other detectors judge the same epochs post hoc. "
+              f"Recall: attackers ever flagged; false positives: honest trainers (replacements included) ever "
+              f"flagged; means over seeds; epochs from 0. Attacker distance / farthest honest: per epoch and "
+              f"attacker, in the layer group where it stands out most, its update's distance to the mean of its "
+              f"stage's honest updates over the largest honest distance to that mean (median and max over "
+              f"epochs and seeds; below 1 it lies inside the honest cloud in every layer group). Accuracy: the "
+              f"global model on the held-out split, the one the pipelines are scored on.\n\n")
     (out / "detection.md").write_text(header + md + "\n\nSeparation ratios:\n\n" + ratios + "\n"
                                       + "".join(f"\n{line}\n" for line in notes + [f"FAILED {f}" for f in failures]))
-    (out / "detection.json").write_text(json.dumps({"args": vars(args), "notes": notes, "failures": failures,
-                                                    "total_s": total_s, "runs": runs}, indent=1))
+    save_json(args, out, runs, notes, failures, total_s)
     fig = figure(runs, args.figure_layer, args.figure_epoch, out / "detection_projections.png")
     print(f"\nwrote {out / 'detection.md'}, {out / 'detection.json'}" + (f", {fig}" if fig else "")
           + f" in {total_s:.0f} s" + (f"; {len(failures)} runs failed" if failures else ""))

@@ -106,7 +106,15 @@ class Collusion:
     def __init__(self, folder: str | Path, timeout_s: float):
         self.folder, self.timeout_s = Path(folder), timeout_s
 
+    def leave(self, stage: int, me: int) -> None:
+        """An evicted colluder tells its group not to wait for it any more."""
+        left = self.folder / "left" / f"{stage}"
+        left.mkdir(parents=True, exist_ok=True)
+        (left / f"{me}").touch()
+
     def share(self, epoch: int, stage: int, me: int, mine: State, group: list[int]) -> list[State]:
+        left = self.folder / "left" / f"{stage}"
+        group = [p for p in group if p == me or not (left / f"{p}").exists()]
         where = self.folder / f"{epoch}" / f"{stage}"
         where.mkdir(parents=True, exist_ok=True)
         tmp = where / f".{me}.tmp"

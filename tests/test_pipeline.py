@@ -91,3 +91,31 @@ def test_shards_differ_between_pipelines():
     (x0, _), (x1, _) = shard(ds, 0, 2, spec.seed), shard(ds, 1, 2, spec.seed)
     assert len(x0) + len(x1) == len(ds.train_y)
     assert not torch.equal(x0[:10], x1[:10])
+
+
+def test_a_reset_runs_the_new_attacks_and_a_replacement_trains_honestly():
+    """The engine alone (as bench/detection.py drives it): a sign_flip trainer in its own stage process."""
+    from tdml_core.config import AttackSpec
+
+    spec = _spec({"model": "digits_cnn", "stages": 2}, data_parallel=2, top_k=2)
+    ds, model = load_job(spec)
+    plan = make_plan(spec, model, ds)
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def update(out, p, s):
+        return {k: v - start[k] for k, v in out[p]["stages"][s].items() if v.is_floating_point()}
+
+    with PipelineCluster(spec, plan) as cluster:
+        honest = cluster.train_epoch(0, start)
+        cluster.reset([AttackSpec(slot="1/1", kind="sign_flip")])
+        attacked = cluster.train_epoch(0, start)
+        cluster.reset([AttackSpec(slot="1/1", kind="sign_flip")])  # every optimizer fresh again
+        cluster.replace([(1, 1)])
+        replaced = cluster.train_epoch(0, start)
+    h, a, r = update(honest, 1, 1), update(attacked, 1, 1), update(replaced, 1, 1)
+    assert any(float(v.abs().max()) > 0 for v in h.values())
+    for k in h:  # the attacker committed minus its honest update, its neighbours trained as before
+        torch.testing.assert_close(a[k], -h[k], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(r[k], h[k], rtol=1e-5, atol=1e-6)  # fresh optimizer, no attack
+    for k, v in update(honest, 0, 1).items():
+        torch.testing.assert_close(update(attacked, 0, 1)[k], v, rtol=1e-5, atol=1e-6)

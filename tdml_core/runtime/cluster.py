@@ -230,6 +230,21 @@ class PipelineCluster:
         replies = self.request(msgs, f"epoch {epoch}")
         return {p: [replies[(p, s)][2] for s in range(self.plan.n_stages)] for p in self.pipeline_ids}
 
+    def reset(self, attacks: list, collusion_dir: str | None = None) -> None:
+        """Start a new run on the same processes: these attacks, first trainers everywhere, fresh optimizers.
+
+        Only without trainer sources (the engine alone, as benchmarks drive it): a
+        protocol trainer's attacks and generation come with its source.
+        """
+        if self.sources:
+            raise RuntimeError("reset is for clusters without trainer sources")
+        self.collusion_dir = collusion_dir or self.collusion_dir
+        self.request({slot: ("reset", list(attacks), self.collusion_dir) for slot in self.keys}, "a reset")
+
+    def replace(self, slots: list[Slot]) -> None:
+        """A new, honest trainer takes each slot: it does not run the spec's attacks and its optimizer starts empty."""
+        self.request({slot: ("replace",) for slot in slots}, "a replacement")
+
     def batch_grads(self, pipeline: int, state: dict, xb: torch.Tensor, yb: torch.Tensor):
         """Gradients of one batch through one pipeline (no optimizer step): (grads, losses)."""
         msgs = {

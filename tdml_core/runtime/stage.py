@@ -17,7 +17,7 @@ from __future__ import annotations
 import copy
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace as with_fields
 from datetime import timedelta
 
 import torch
@@ -178,6 +178,29 @@ class StageProcess:
         schedule_cls = Schedule1F1B if spec.schedule == "1f1b" else ScheduleGPipe
         self.schedule = schedule_cls(stage, spec.microbatches, loss_fn=F.cross_entropy)
         self.optimizer = make_optimizer(spec, self.module.parameters())
+        if self.trainer and self.trainer.src.generation > 0:
+            self._leave_collusion()
+        self.generation = 0  # without a trainer source: how many times ``replace`` gave the slot a new trainer
+
+    def reset(self, attack_specs: list, collusion_dir: str | None) -> None:
+        """A new run on the same process: the given attacks, the slot's first trainer, a fresh optimizer."""
+        spec = self.args.spec.model_copy(update={"attacks": list(attack_specs)})
+        self.args = with_fields(self.args, spec=spec, collusion_dir=collusion_dir)
+        self.generation = 0
+        self.optimizer = make_optimizer(spec, self.module.parameters())
+
+    def replace(self) -> None:
+        """A new trainer holds the slot: none of the spec's attacks are its own, and its optimizer starts empty."""
+        self._leave_collusion()
+        self.generation += 1
+        self.optimizer = make_optimizer(self.args.spec, self.module.parameters())
+
+    def _leave_collusion(self) -> None:
+        """The slot's first trainer is gone: if it colluded, its group stops waiting for its updates."""
+        a = self.args
+        mine = [x for x in a.spec.attacks if x.pipeline == a.pipeline and x.stage == a.stage]
+        if mine and mine[0].kind in attacks.COLLUDING and a.collusion_dir:
+            attacks.Collusion(a.collusion_dir, 0).leave(a.stage, a.pipeline)
 
     def _step(self, xb, yb) -> list[torch.Tensor]:
         """One pipelined forward/backward of a batch; the microbatch losses on the last stage."""
@@ -198,7 +221,7 @@ class StageProcess:
             start = self.trainer.stage_input(start)
         self.module.load_state_dict(start)
         self.module.train()
-        first = self.trainer is None or self.trainer.src.generation == 0
+        first = (self.trainer.src.generation if self.trainer else self.generation) == 0
         attack = attacks.attack_of(spec, a.pipeline, a.stage, epoch) if first else None
         if attack is not None:
             start = {k: v.detach().cpu().clone() for k, v in start.items()}
@@ -282,6 +305,12 @@ def stage_main(args: StageArgs, conn) -> None:
                 conn.send(("trained", *proc.train_epoch(*payload)))
             elif cmd == "grads":
                 conn.send(("grads", *proc.batch_grads(*payload)))
+            elif cmd == "reset":
+                proc.reset(*payload)
+                conn.send(("reset",))
+            elif cmd == "replace":
+                proc.replace()
+                conn.send(("replaced",))
             else:
                 raise ValueError(f"unknown command {cmd!r}")
     except Exception:
