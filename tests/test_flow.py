@@ -409,6 +409,9 @@ def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re
     assert swap["slot"] == "1/0" and swap["evicted"] == attacker and swap["replacement"]
     assert by_epoch[3]["1/0"]["trainer"] == swap["replacement"] and not by_epoch[3]["1/0"]["flagged"]
     assert data["evicted"] == ["1/0"]
+    # the picture of the detector's view (also the run's Prefect image artifact): only epochs that flagged someone
+    assert [(attacked_run / f"verdicts-epoch-{e + 1}.png").is_file() for e in range(4)] == [False, True, True, False]
+    assert (attacked_run / "verdicts-epoch-2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the flagged epochs of pipeline 1 stayed out of the global model; the last one is in again
     assert [e["local"][1]["flagged"] for e in data["epochs"]] == [False, True, True, False]
 
