@@ -380,7 +380,8 @@ def test_a_run_killed_after_each_money_moving_transaction_resumes_to_one_correct
 
 
 ATTACKED = {"data_parallel": 3, "stages": 1, "epochs": 4, "top_k": 2, "dataset": {"name": "digits", "limit": 600},
-            "attacks": [{"slot": "1/0", "kind": "sign_flip", "from_epoch": 1}], "protocol": {"standby_trainers": 2}}
+            "attacks": [{"slot": "1/0", "kind": "sign_flip", "from_epoch": 1}], "protocol": {"standby_trainers": 2},
+            "detection": {"evict_after": 2, "window": 3}}  # evicted on its second flag: the replacement trains once
 
 
 @pytest.fixture(scope="module")

@@ -47,15 +47,21 @@ def test_layer_groups_and_agreement():
     assert agreement(u, {"w": np.array([2.0, 0.0])}) == pytest.approx(-1.0)
 
 
-def test_a_sign_flipped_update_is_flagged_and_evicted_on_its_second_flag():
+def test_a_sign_flipped_update_is_flagged_and_evicted_on_its_third_flag_in_four_epochs():
     ups = _updates(4, {2: -1.0})
     doc = _judge([0.9, 0.9, 0.9, 0.9], ups)
     assert [v["flagged"] for v in doc["verdicts"]] == [False, False, True, False]
     assert not any(v["malicious"] for v in doc["verdicts"]) and doc["flagged"] == [False, False, True, False]
     ev = doc["verdicts"][2]["evidence"]["fc"]
     assert len(ev["points"]) == 4 and ev["flagged"] == [False, False, True, False]
-    again = _judge([0.9, 0.9, 0.9, 0.9], ups, history={"t2": [True]})
+    second = _judge([0.9, 0.9, 0.9, 0.9], ups, history={"t2": [True]})
+    assert not any(v["malicious"] for v in second["verdicts"])  # twice is not yet enough (an honest outlier was)
+    again = _judge([0.9, 0.9, 0.9, 0.9], ups, history={"t2": [True, False, True]})
     assert [v["malicious"] for v in again["verdicts"]] == [False, False, True, False]
+    old = _judge([0.9, 0.9, 0.9, 0.9], ups, history={"t2": [True, False, False, True]})  # the first is out of the window
+    assert not any(v["malicious"] for v in old["verdicts"])
+    quick = _judge([0.9, 0.9, 0.9, 0.9], ups, history={"t2": [True]}, evict_after=2, window=3)
+    assert [v["malicious"] for v in quick["verdicts"]] == [False, False, True, False]
 
 
 def test_a_clean_round_flags_nobody_and_two_pipelines_skip_the_update_stage():
@@ -118,3 +124,18 @@ def test_noise_agrees_with_nobody_even_from_half_the_stage():
     lazy = _updates(4, {})
     lazy[3] = {k: np.zeros_like(v) for k, v in lazy[3].items()}  # no update at all
     assert [v["flagged"] for v in _judge([0.9] * 4, lazy)["verdicts"]] == [False, False, False, True]
+
+
+def test_colluders_who_commit_one_shared_update_are_flagged_as_copies():
+    ups = _updates(4, {})  # four honest updates; 1 and 2 then commit one update between them (as mean-shift does)
+    shared = {k: (ups[1][k] + ups[2][k]) / 2 + 0.05 for k in ups[1]}
+    ups[1] = {k: v.copy() for k, v in shared.items()}
+    ups[2] = {k: v + 1e-4 for k, v in shared.items()}  # a little noise does not make them two
+    doc = _judge([0.9] * 4, ups)
+    by = {v["slot"]: v for v in doc["verdicts"]}
+    assert [by[f"{p}/0"]["flagged"] for p in range(4)] == [False, True, True, False]
+    assert by["1/0"]["copy_of"] == "2/0" and by["2/0"]["copy_of"] == "1/0" and by["0/0"]["copy_of"] is None
+    assert "near copy of trainer 2/0" in by["1/0"]["reason"]
+    # the same four honestly: no two are near each other
+    assert not any(v["flagged"] for v in _judge([0.9] * 4, _updates(4, {}))["verdicts"])
+    assert not any(v["flagged"] for v in _judge([0.9] * 4, ups, max_copy_ratio=0.0)["verdicts"])

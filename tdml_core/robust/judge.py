@@ -136,6 +136,30 @@ def loners(updates: Sequence[Mapping[str, np.ndarray]], min_similarity: float) -
     return [bool(b < min_similarity) for b in best], [float(b) for b in best]
 
 
+def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float) -> tuple[list[int | None], list[float | None]]:
+    """Trainers whose update is a near copy of another's: their distance under ``max_ratio`` × the larger norm.
+
+    Honest trainers train on disjoint shards, so no two of them commit the same update
+    (on real updates the nearest pair stayed above 0.3 of the larger norm). Colluders who
+    commit one shared attacked update (mean-shift, a-little-is-enough, inner-product)
+    do. Returns, per trainer, the index of its nearest copy (None: none) and that
+    relative distance.
+    """
+    n = len(updates)
+    if n < 3:
+        return [None] * n, [None] * n
+    names = sorted(updates[0])
+    x = np.stack([_vector(u, names) for u in updates])
+    norms = np.linalg.norm(x, axis=1)
+    d = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=2)
+    scale = np.maximum(norms[:, None], norms[None, :])
+    rel = np.where(scale > 0, d / np.where(scale > 0, scale, 1.0), 0.0)
+    np.fill_diagonal(rel, np.inf)
+    nearest = rel.argmin(axis=1)
+    ratio = [float(rel[i, j]) for i, j in enumerate(nearest)]
+    return [int(j) if r < max_ratio else None for j, r in zip(nearest, ratio)], ratio
+
+
 def agreement(update: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray]) -> float:
     """Cosine between the committed epoch gradient's descent direction and the applied update."""
     names = sorted(set(update) & set(grad))
@@ -174,6 +198,7 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
     flagged_by_update: dict[tuple[int, int], bool] = {}
     similarity: dict[tuple[int, int], float] = {}
     alone: dict[tuple[int, int], bool] = {}
+    copied: dict[tuple[int, int], tuple[int, float]] = {}  # (pipeline, stage) -> (pipeline of its copy, distance ratio)
     evidence: dict[tuple[int, int], dict] = {}
     if run_stage2:
         for s in range(n_stages):
@@ -181,9 +206,12 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             flags, ev = update_outliers(stage_updates, detection.method, dims=detection.dims,
                                         separation=detection.separation, scores=[accuracies[p] for p in active])
             lone, best = loners(stage_updates, detection.min_similarity)
+            twin, twin_ratio = copies(stage_updates, detection.max_copy_ratio)
             for i, p in enumerate(active):
-                flagged_by_update[(p, s)] = (flags[i] and p not in fresh) or lone[i]
+                flagged_by_update[(p, s)] = (flags[i] and p not in fresh) or lone[i] or twin[i] is not None
                 alone[(p, s)], similarity[(p, s)] = lone[i], best[i]
+                if twin[i] is not None:
+                    copied[(p, s)] = (active[twin[i]], twin_ratio[i])
                 evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
     # Within a pipeline a stage's update is made of the gradients the stages after it send back: a stage
     # that poisons them (label_flip) moves the updates before it too. Only the last flagged stage is blamed.
@@ -208,6 +236,10 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             if flagged_by_update.get((p, s)) and alone.get((p, s)):
                 reasons.append(f"its update agrees with no other trainer's of stage {s} (largest cosine "
                                f"{similarity[(p, s)]:.3f} < {detection.min_similarity:g})")
+            elif flagged_by_update.get((p, s)) and (p, s) in copied:
+                q, r = copied[(p, s)]
+                reasons.append(f"its update is a near copy of trainer {q}/{s}'s (distance {r:.3g} of the larger norm "
+                               f"< {detection.max_copy_ratio:g}): trainers on disjoint shards never agree so closely")
             elif flagged_by_update.get((p, s)):
                 reasons.append(f"its update stands apart from stage {s}'s other trainers ({detection.method})")
             if agree < detection.min_agreement:
@@ -223,7 +255,8 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
                 reasons.append(f"pipeline {p} scored {accuracies[p]:.4f}, below the median {s1_info['median']:.4f}; "
                                f"its update is not the outlier")
             verdicts.append({"trainer": who, "slot": f"{p}/{s}", "flagged": flagged, "malicious": malicious,
-                             "agreement": agree, "similarity": similarity.get((p, s)), "reason": "; ".join(reasons) or "clean",
+                             "agreement": agree, "similarity": similarity.get((p, s)),
+                             "copy_of": (f"{copied[(p, s)][0]}/{s}" if (p, s) in copied else None), "reason": "; ".join(reasons) or "clean",
                              "evidence": evidence.get((p, s), {})})
     excluded = [accuracies[p] is None or stage1.get(p, False)
                 or any(flagged_by_update.get((p, s)) or False for s in range(n_stages)) for p in range(len(accuracies))]
