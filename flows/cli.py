@@ -68,6 +68,7 @@ class EpochProgress:
             console=console, transient=True,
         )
         self.task = self.progress.add_task(title, total=epochs)
+        self.said_few = False
 
     def __enter__(self):
         self.progress.__enter__()
@@ -80,11 +81,21 @@ class EpochProgress:
         local = " ".join(
             f"p{lc['pipeline']}={lc['accuracy']:.3f}{'*' if lc['selected'] else ''}" for lc in rec["local"]
         )
+        note = rec.get("detection", "")
+        if "too few" in note and not self.said_few:  # once per run: the update stage cannot judge here
+            self.console.print(f"detection: {note}")
+            self.said_few = True
+        flagged = [v["slot"] for v in rec.get("verdicts", []) if v["flagged"] and not v["malicious"]]
+        evicted = [v["slot"] for v in rec.get("verdicts", []) if v["malicious"]]
         self.console.print(
             f"epoch {rec['epoch'] + 1}: global accuracy {rec['global_accuracy']:.4f}  "
             f"loss {rec['global_loss']:.4f}  ({rec['wall_s']:.1f} s)" + (f"  local {local}" if local else "")
             + (f"  restarted trainers {' '.join(rec['restarted'])} (optimizer state lost)" if rec.get("restarted")
                else "")
+            + (f"  flagged {' '.join(flagged)}" if flagged else "")
+            + (f"  evicted {' '.join(evicted)}" if evicted else "")
+            + "".join(f"  {r['slot']} replaced by a standby" if r.get("replacement")
+                      else f"  pipeline {r['slot'].split('/')[0]} dropped (no standby)" for r in rec.get("replaced", []))
         )
         self.progress.advance(self.task)
 

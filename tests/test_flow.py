@@ -77,7 +77,10 @@ def test_a_run_pays_every_honest_participant_and_passes_its_audit(finished_run):
     # the killed trainer, and its pipeline's other trainer, were started afresh in epoch 1, and the run says so
     assert [e["restarted"] for e in data["epochs"]] == [[], ["0/0", "0/1"], []]
     assert "killed by SIGKILL" in data["epochs"][1]["failures"][0]
-    assert "restarted trainers 0/0 0/1" in (finished_run / "stdout.txt").read_text()
+    said = (finished_run / "stdout.txt").read_text()
+    assert "restarted trainers 0/0 0/1" in said
+    # two pipelines: the update stage cannot judge, and the run says so once
+    assert said.count("detection: 2 pipelines: too few for the update stage to separate; scores alone judge") == 1
 
     checked = tdml("audit", finished_run)
     assert checked.returncode == 0, checked.stdout[-3000:]
@@ -391,6 +394,7 @@ def attacked_run(tmp_path_factory) -> Path:
     out = tmp / "run"
     done = tdml("run", _spec(tmp, **ATTACKED), "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(done.stdout)
     return out
 
 
@@ -410,6 +414,10 @@ def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re
     assert swap["slot"] == "1/0" and swap["evicted"] == attacker and swap["replacement"]
     assert by_epoch[3]["1/0"]["trainer"] == swap["replacement"] and not by_epoch[3]["1/0"]["flagged"]
     assert data["evicted"] == ["1/0"]
+    said = {line.split(":")[0]: line for line in (attacked_run.parent / "stdout.txt").read_text().splitlines()
+            if line.startswith("epoch ")}  # what the user saw, epoch by epoch
+    assert "flagged 1/0" in said["epoch 2"] and "evicted 1/0  1/0 replaced by a standby" in said["epoch 3"]
+    assert "flagged" not in said["epoch 1"] + said["epoch 4"]
     # the picture of the detector's view (also the run's Prefect image artifact): only epochs that flagged someone
     assert [(attacked_run / f"verdicts-epoch-{e + 1}.png").is_file() for e in range(4)] == [False, True, True, False]
     assert (attacked_run / "verdicts-epoch-2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
