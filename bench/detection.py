@@ -104,27 +104,16 @@ def _stage_points(doc: dict, active: list[int], n_stages: int) -> dict:
 
 
 def inside_ratio(updates: dict, stage: int, attacker: int, honest: list[int]) -> float | None:
-    """How far the attacker's update lies from its stage's honest trainers, against their own spread.
+    """How far the attacker's update lies from its stage's honest trainers' updates, against their own spread.
 
-    Per layer group: the attacker's distance to the honest mean over the largest distance of an
-    honest update to that mean, in the full update space; the largest of the layer groups. Below 1
-    the attacker is nearer the honest centre than some honest trainer is, in every layer: a rule
-    that flags it flags that honest trainer too.
+    ``tdml_core.robust.judge.outside``: per layer group the distance to the honest mean over the
+    largest honest distance to it, the largest over the layer groups. Below 1 the attacker is
+    nearer the honest centre than some honest trainer is, in every layer: a rule that flags it
+    flags that honest trainer too.
     """
-    import numpy as np
+    from tdml_core.robust.judge import outside
 
-    from tdml_core.robust.judge import layer_groups
-
-    if len(honest) < 2:
-        return None
-    worst = 0.0
-    for names in layer_groups(list(updates[(attacker, stage)])).values():
-        vec = {p: np.concatenate([np.ravel(updates[(p, stage)][n]) for n in names]) for p in honest + [attacker]}
-        centre = np.mean([vec[p] for p in honest], axis=0)
-        spread = max(float(np.linalg.norm(vec[p] - centre)) for p in honest)
-        if spread > 0:
-            worst = max(worst, float(np.linalg.norm(vec[attacker] - centre)) / spread)
-    return worst
+    return outside(updates[(attacker, stage)], [updates[(p, stage)] for p in honest])
 
 
 def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,

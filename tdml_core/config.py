@@ -96,6 +96,7 @@ class DetectionSpec(_Strict):
     mad_threshold: float = Field(default=3.5, gt=0)  # stage 1: this many robust deviations below the median
     min_agreement: float = Field(default=0.2, ge=-1, le=1)  # cosine(−epoch gradient, update) at least this
     min_similarity: float = Field(default=0.05, ge=-1, le=1)  # an update's largest cosine to its stage's others
+    max_outside: float = Field(default=8.0, gt=0)  # a score-flagged pipeline's stage this far outside the others' spread
     max_copy_ratio: float = Field(default=0.1, ge=0, le=1)  # an update nearer another's than this × the larger norm: a copy
     evict_after: int = Field(default=3, ge=1)  # flagged in this many ...
     window: int = Field(default=4, ge=1)  # ... of the last this many epochs: evicted

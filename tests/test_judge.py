@@ -139,3 +139,21 @@ def test_colluders_who_commit_one_shared_update_are_flagged_as_copies():
     # the same four honestly: no two are near each other
     assert not any(v["flagged"] for v in _judge([0.9] * 4, _updates(4, {}))["verdicts"])
     assert not any(v["flagged"] for v in _judge([0.9] * 4, ups, max_copy_ratio=0.0)["verdicts"])
+
+
+def test_a_low_scoring_pipelines_stage_far_outside_the_well_scoring_ones_is_blamed():
+    ups = _updates(4, {}, seed=1)
+    for p in (1, 2):  # half the stage: each its own update x 10 (not copies, and no majority for two-means)
+        ups[p] = {k: 10 * v for k, v in ups[p].items()}
+    doc = _judge([0.9, 0.3, 0.35, 0.92], ups, separation=1e9)  # as when the two-means split is not clear
+    by = {v["slot"]: v for v in doc["verdicts"]}
+    assert [by[f"{p}/0"]["flagged"] for p in range(4)] == [False, True, True, False]
+    assert "scored below the others and its stage 0 update lies" in by["1/0"]["reason"]
+    assert [v["flagged"] for v in _judge([0.9, 0.3, 0.35, 0.92], ups, separation=1e9, max_outside=1e9)["verdicts"]] \
+        == [False] * 4
+    # the same updates with scores that flag nobody: no blame from this rule
+    assert not any(v["flagged"] for v in _judge([0.9] * 4, ups, max_copy_ratio=0.0)["verdicts"]
+                   if "scored below" in v["reason"])
+    # an honest pipeline that merely scored low is not blamed
+    low = _judge([0.9, 0.3, 0.9, 0.92], _updates(4, {}, seed=1))
+    assert not any(v["flagged"] for v in low["verdicts"])

@@ -160,6 +160,25 @@ def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float) -> tup
     return [int(j) if r < max_ratio else None for j, r in zip(nearest, ratio)], ratio
 
 
+def outside(update: Mapping[str, np.ndarray], reference: Sequence[Mapping[str, np.ndarray]]) -> float | None:
+    """How far ``update`` lies from the ``reference`` updates, against their own spread.
+
+    Per layer group: its distance to the references' mean over the largest distance of a
+    reference to that mean; the largest over the layer groups. Below 1 it is nearer the
+    centre than some reference is, in every layer group. None with fewer than 2 references.
+    """
+    if len(reference) < 2:
+        return None
+    worst = 0.0
+    for names in layer_groups(list(update)).values():
+        refs = np.stack([_vector(r, names) for r in reference])
+        centre = refs.mean(axis=0)
+        spread = float(np.linalg.norm(refs - centre, axis=1).max())
+        if spread > 0:
+            worst = max(worst, float(np.linalg.norm(_vector(update, names) - centre)) / spread)
+    return worst
+
+
 def agreement(update: Mapping[str, np.ndarray], grad: Mapping[str, np.ndarray]) -> float:
     """Cosine between the committed epoch gradient's descent direction and the applied update."""
     names = sorted(set(update) & set(grad))
@@ -213,6 +232,23 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
                 if twin[i] is not None:
                     copied[(p, s)] = (active[twin[i]], twin_ratio[i])
                 evidence[(p, s)] = {layer: {**e, "index": i} for layer, e in ev.items()}
+    # A pipeline the scores flagged with no stage flagged yet: when the well-scoring pipelines agree among
+    # themselves, the stage whose update lies far outside their spread is the one that did it (half a stage
+    # of attackers leaves the two-means split no majority; the scores say which half to trust).
+    far: dict[tuple[int, int], float] = {}
+    if run_stage2:
+        trusted = [p for p in active if not stage1[p] and p not in fresh
+                   and not any(flagged_by_update.get((p, s)) for s in range(n_stages))]
+        for p in active:
+            if not stage1[p] or p in fresh or any(flagged_by_update.get((p, s)) for s in range(n_stages)):
+                continue
+            ratios = {s: outside(updates[(p, s)], [updates[(q, s)] for q in trusted]) for s in range(n_stages)}
+            ratios = {s: r for s, r in ratios.items() if r is not None}
+            if ratios:
+                s = max(ratios, key=ratios.get)
+                if ratios[s] > detection.max_outside:
+                    flagged_by_update[(p, s)] = True
+                    far[(p, s)] = ratios[s]
     # Within a pipeline a stage's update is made of the gradients the stages after it send back: a stage
     # that poisons them (label_flip) moves the updates before it too. Only the last flagged stage is blamed.
     upstream: dict[tuple[int, int], int] = {}
@@ -236,6 +272,10 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             if flagged_by_update.get((p, s)) and alone.get((p, s)):
                 reasons.append(f"its update agrees with no other trainer's of stage {s} (largest cosine "
                                f"{similarity[(p, s)]:.3f} < {detection.min_similarity:g})")
+            elif flagged_by_update.get((p, s)) and (p, s) in far:
+                reasons.append(f"pipeline {p} scored below the others and its stage {s} update lies "
+                               f"{far[(p, s)]:.3g}× the well-scoring pipelines' spread from their mean "
+                               f"(> {detection.max_outside:g})")
             elif flagged_by_update.get((p, s)) and (p, s) in copied:
                 q, r = copied[(p, s)]
                 reasons.append(f"its update is a near copy of trainer {q}/{s}'s (distance {r:.3g} of the larger norm "
