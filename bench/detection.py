@@ -300,6 +300,41 @@ def table(runs: list[dict], detectors: list[str]) -> str:
     return "\n".join(lines)
 
 
+def short_table(runs: list[dict], detector: str) -> str:
+    """The deciding detector only: one row per (P, kind), one column per placement (the README's table)."""
+    clean = {}
+    for r in runs:
+        if r["kind"] == "none":
+            clean.setdefault(r["pipelines"], []).append(r["final_accuracy"])
+    cells: dict[tuple, dict[str, str]] = {}
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["pipelines"], r["kind"], r["placement"]), []).append(r)
+    for (n, kind, placement), rs in groups.items():
+        sums = [detector_summary(r, detector) for r in rs]
+        evs = [e for s in sums for e in s["eviction"].values()]
+        acc = _mean([r["final_accuracy"] for r in rs])
+        base = _mean(clean.get(n, []))
+        delta = "" if base is None else f" ({100 * (acc - base):+.1f})"
+        if kind == "none":
+            text = (f"{sum(s['false_positives'] for s in sums)} of {sum(s['honest'] for s in sums)} honest flagged, "
+                    f"{sum(s['honest_evicted'] for s in sums)} evicted; {acc:.3f}")
+        else:
+            caught = sum(e is not None for e in evs)
+            text = (f"{_fmt(_mean([s['recall'] for s in sums]))}, {caught}/{len(evs)} evicted"
+                    + (f" at {_fmt(_mean(evs), 1)}" if caught else "")
+                    + f", {sum(s['honest_evicted'] for s in sums)} honest evicted; {acc:.3f}{delta}")
+        cells.setdefault((n, kind), {})[placement] = text
+    order = {k: i for i, k in enumerate(("none",) + ATTACK_KINDS)}
+    lines = [f"| P | kind | one | same | across |", "|---|---|---|---|---|"]
+    for (n, kind), row in sorted(cells.items(), key=lambda c: (c[0][0], order[c[0][1]])):
+        if kind == "none":
+            lines.append(f"| {n} | clean | {row.get('-', '—')} | | |")
+        else:
+            lines.append(f"| {n} | {kind} | " + " | ".join(row.get(p, "—") for p in PLACEMENTS) + " |")
+    return "\n".join(lines)
+
+
 def ratio_summary(runs: list[dict], detectors: list[str]) -> str:
     """Largest separation ratio each detector saw on clean runs, smallest on the attacked layer groups of attacks."""
     out = []
@@ -429,9 +464,10 @@ def main() -> None:
                     jobs.append((n, kind, placement, seed))
     notes = [f"skipped {k} x {p}: label_flip needs the labels, which only the last stage sees" for k, p in skipped]
     if "same" in args.placements and args.kinds:
-        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the update stage has no "
-                     "majority to trust there: two equal groups clearly apart are told apart only by their "
-                     "pipelines' scores")
+        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the two-means split has no "
+                     "majority to trust there: colluders who share one update are near copies of each other, and "
+                     "otherwise the scores say which half to trust (a scored-down pipeline's stage far outside the "
+                     "well-scoring ones' spread is blamed)")
     for line in notes:
         print(line)
     print(f"{len(jobs)} runs: P in {args.pipelines}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
@@ -492,9 +528,12 @@ def save_json(args, out: Path, runs: list[dict], notes: list[str], failures: lis
 
 def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[dict], total_s: float) -> None:
     md = table(runs, args.detectors)
+    short = short_table(runs, args.detectors[0])
     ratios = ratio_summary(runs, args.detectors)
     print()
     print(md)
+    print()
+    print(short)
     print()
     print("separation ratios (centroid distance / within RMS; flags need > the detector's separation):")
     print(ratios)
@@ -513,7 +552,10 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
               f"stage's honest updates over the largest honest distance to that mean (median and max over "
               f"epochs and seeds; below 1 it lies inside the honest cloud in every layer group). Accuracy: the "
               f"global model on the held-out split, the one the pipelines are scored on.\n\n")
-    (out / "detection.md").write_text(header + md + "\n\nSeparation ratios:\n\n" + ratios + "\n"
+    (out / "detection.md").write_text(header + md + f"\n\n{args.detectors[0]} in short (per placement: recall, "
+                                      f"attackers evicted and the mean epoch, honest trainers evicted; final "
+                                      f"accuracy and its difference to the clean run in points):\n\n" + short
+                                      + "\n\nSeparation ratios:\n\n" + ratios + "\n"
                                       + "".join(f"\n{line}\n" for line in notes + [f"FAILED {f}" for f in failures]))
     save_json(args, out, runs, notes, failures, total_s)
     fig = figure(runs, args.figure_layer, args.figure_epoch, out / "detection_projections.png")
