@@ -1,16 +1,19 @@
 """Byzantine detection: which attackers the two-stage judge finds, how soon, and what it costs in accuracy.
 
 Drives the training engine alone (no chain, no store): one ``PipelineCluster`` per
-run, the spec's ``attacks`` running inside the attackers' own stage processes
+(P, seed), reset for every run (``PipelineCluster.reset``: the run's attacks, fresh
+optimizers), the spec's ``attacks`` running inside the attackers' own stage processes
 (``tdml_core.attacks``), and every epoch judged by ``tdml_core.robust.judge.judge_epoch``
 as the protocol judges it. The default detector (``two_means_pca``, the first of
 ``--detectors``) makes the decisions of the run: flagged pipelines stay out of the
 global model (``combine("top_k", ..., top_k=P)``: every unflagged one averaged), an
-evicted trainer's pipeline is dropped from the later epochs (no standby replaces it
-here). The other detectors judge the SAME epochs post hoc (same updates, same
-accuracies, same pipelines still in the run), each with its own flag history, so
-their rows give recall, false positives and the epochs at which they would have
-flagged and evicted, but no accuracy of their own.
+evicted trainer is replaced by an honest one (``PipelineCluster.replace``: a new
+optimizer, none of the attacks) that trains from the next epoch's global model, as
+the protocol's standby does (``--no-standby`` drops its pipeline instead). The other
+detectors judge the SAME epochs post hoc (same updates, same accuracies, same
+pipelines still in the run), each with its own flag history, so their rows give
+recall, false positives and the epochs at which they would have flagged and evicted,
+but no accuracy of their own.
 
 Placements: ``one`` (one attacker at slot 1/1), ``same`` (a quarter of all 2P
 trainers, all at stage 1) and ``across`` (a quarter, split over both stages, one
