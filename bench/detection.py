@@ -22,7 +22,7 @@ A clean run per (P, seed) gives the baseline accuracy and the false positives on
 clean data.
 
     python bench/detection.py [--pipelines 4 8] [--kinds ...] [--placements one same across]
-                              [--seeds 5] [--epochs 4] [--detectors two_means_pca two_means_random mandera]
+                              [--seeds 5] [--epochs 8] [--detectors two_means_pca two_means_random mandera]
 
 Writes bench/results/detection.md (the table), detection.json (every run, epoch by
 epoch, with the separation ratios each detector saw) and detection_projections.png
@@ -428,7 +428,7 @@ def main() -> None:
     ap.add_argument("--kinds", nargs="+", default=list(ATTACK_KINDS), choices=ATTACK_KINDS)
     ap.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS,
                     help="the first decides (flags, evictions); the others judge the same epochs post hoc")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean baseline runs")
