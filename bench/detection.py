@@ -422,6 +422,30 @@ def figure(runs: list[dict], layer: str, epoch: int, path: Path) -> str | None:
     return str(path)
 
 
+def plan_runs(args) -> tuple[list[tuple[int, str | None, str, int]], list[str]]:
+    """The runs the arguments ask for, and the notes that explain the table's gaps."""
+    jobs: list[tuple[int, str | None, str, int]] = []
+    skipped = []
+    for n in args.pipelines:
+        for seed in range(args.seeds):
+            if not args.no_clean:
+                jobs.append((n, None, "-", seed))
+            for kind in args.kinds:
+                for placement in args.placements:
+                    if kind == "label_flip" and placement == "across":
+                        if (kind, placement) not in skipped:
+                            skipped.append((kind, placement))
+                        continue
+                    jobs.append((n, kind, placement, seed))
+    notes = [f"skipped {k} x {p}: label_flip needs the labels, which only the last stage sees" for k, p in skipped]
+    if "same" in args.placements and args.kinds:
+        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the two-means split has no "
+                     "majority to trust there: colluders who share one update are near copies of each other, and "
+                     "otherwise the scores say which half to trust (a scored-down pipeline's stage far outside the "
+                     "well-scoring ones' spread is blamed)")
+    return jobs, notes
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", type=int, nargs="+", default=[4, 8])
@@ -445,32 +469,14 @@ def main() -> None:
             ap.error("--pipelines: at least 2")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    jobs, notes = plan_runs(args)
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         args.__dict__.update({k: v for k, v in saved["args"].items()
                               if k not in ("out", "from_json", "figure_layer", "figure_epoch")})
-        report(args, out, saved["runs"], saved["notes"], saved["failures"], saved["total_s"])
+        report(args, out, saved["runs"], plan_runs(args)[1], saved["failures"], saved["total_s"])
         return
 
-    jobs: list[tuple[int, str | None, str, int]] = []
-    skipped = []
-    for n in args.pipelines:
-        for seed in range(args.seeds):
-            if not args.no_clean:
-                jobs.append((n, None, "-", seed))
-            for kind in args.kinds:
-                for placement in args.placements:
-                    if kind == "label_flip" and placement == "across":
-                        if (kind, placement) not in skipped:
-                            skipped.append((kind, placement))
-                        continue
-                    jobs.append((n, kind, placement, seed))
-    notes = [f"skipped {k} x {p}: label_flip needs the labels, which only the last stage sees" for k, p in skipped]
-    if "same" in args.placements and args.kinds:
-        notes.append("same: P/2 attackers at stage 1 are half of that stage's trainers; the two-means split has no "
-                     "majority to trust there: colluders who share one update are near copies of each other, and "
-                     "otherwise the scores say which half to trust (a scored-down pipeline's stage far outside the "
-                     "well-scoring ones' spread is blamed)")
     for line in notes:
         print(line)
     print(f"{len(jobs)} runs: P in {args.pipelines}, {args.epochs} epochs, seeds 0..{args.seeds - 1}, "
