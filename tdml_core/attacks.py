@@ -9,6 +9,11 @@ alone sees nothing: detection has to look at what the weights carry.
 Colluders (``mean_shift``, ``alie``, ``ipm`` trainers of the same stage) share
 their own honest updates through a folder only they use; none sees an honest
 trainer's data or update.
+
+The compute attacks (``free_rider``, ``lazy``, ``forged_output``, ``forged_grad``)
+cheat on the work itself, through ``Tamper``'s hooks on the stage module: what
+the trainer sends its neighbours, and so what its records hold, is not what the
+step computes. They are what verification (``tdml_core.verify``) catches.
 """
 
 from __future__ import annotations
@@ -23,7 +28,9 @@ import torch
 from tdml_core.config import AttackSpec, JobSpec
 
 COLLUDING = ("mean_shift", "alie", "ipm")
-DEFAULTS = {"gaussian": math.sqrt(200.0), "mean_shift": 1.5, "sign_flip": 1.0, "scaled": 10.0, "ipm": 0.5}
+COMPUTE = ("free_rider", "lazy", "forged_output", "forged_grad")
+DEFAULTS = {"gaussian": math.sqrt(200.0), "mean_shift": 1.5, "sign_flip": 1.0, "scaled": 10.0, "ipm": 0.5,
+            "free_rider": 0.1, "forged_output": 1.0, "forged_grad": 1.0}
 
 State = dict[str, torch.Tensor]
 
@@ -132,3 +139,103 @@ class Collusion:
                         pass
             time.sleep(0.05)
         return [peers[p] for p in sorted(peers)]
+
+
+class Tamper:
+    """A dishonest trainer's hooks on its own stage module, idle unless its attack is a compute attack.
+
+    Installed before the records' hooks, so the records hold what was really sent.
+    ``forged_output`` adds noise to the activations it sends downstream,
+    ``forged_grad`` to the gradients it sends upstream; ``lazy`` skips a share
+    ``q`` of its steps and ``free_rider`` all of them: on a skipped step it sends
+    the last values it sent again and does not move its weights.
+    """
+
+    def __init__(self, module: torch.nn.Module, *, first: bool, last: bool):
+        self.first, self.last = first, last
+        self.kind: str | None = None
+        self.skip = False
+        self._mb = 0
+        self._stale_out: dict[int, tuple] = {}
+        self._stale_grad: dict[tuple[int, int], torch.Tensor] = {}
+        self._handles: list = []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def begin_epoch(self, attack: AttackSpec | None, n_steps: int, generator: torch.Generator) -> None:
+        self.kind = attack.kind if attack is not None and attack.kind in COMPUTE else None
+        self.scale = DEFAULTS.get(self.kind) if attack is None or attack.scale is None else attack.scale
+        self.gen = generator
+        self.skipped: set[int] = set()
+        if self.kind == "free_rider":
+            self.skipped = set(range(n_steps))
+        elif self.kind == "lazy":
+            k = min(n_steps, math.ceil(attack.q * n_steps))
+            self.skipped = set(torch.randperm(n_steps, generator=generator)[:k].tolist())
+
+    def begin_step(self, step: int) -> bool:
+        """Whether this step is skipped (then the caller leaves its weights where they are)."""
+        self.skip, self._mb = step in self.skipped, 0
+        return self.skip
+
+    def end_step(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def _noise_like(self, v: torch.Tensor) -> torch.Tensor:
+        spread = float(v.detach().float().std()) if v.numel() > 1 else 1.0
+        noise = torch.randn(v.shape, generator=self.gen, dtype=torch.float32)
+        return (noise * self.scale * (spread or 1.0)).to(v.dtype).to(v.device)
+
+    def _pre(self, module, args):
+        if self.kind is None or self.first:
+            return
+        i = self._mb
+        for j, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                self._handles.append(a.register_hook(self._grad_hook(i, j)))
+
+    def _grad_hook(self, i: int, j: int):
+        def hook(g):
+            if self.skip:
+                g = self._stale_grad.get((i, j), torch.zeros_like(g)).to(g.device)
+            elif self.kind == "forged_grad":
+                g = g + self._noise_like(g)
+            self._stale_grad[(i, j)] = g.detach().clone()
+            return g
+        return hook
+
+    def _post(self, module, args, output):
+        if self.kind is None:
+            return None
+        i = self._mb
+        self._mb += 1
+        if self.last:
+            return None
+        outs = output if isinstance(output, tuple) else (output,)
+        if self.skip:  # stale values, still on the graph so the schedule's backward runs (with nothing to learn)
+            sent = tuple(o * 0 + self._stale_out.get(i, (torch.zeros_like(o),) * len(outs))[j].to(o.device)
+                         for j, o in enumerate(outs))
+        elif self.kind == "forged_output":
+            sent = tuple(o + self._noise_like(o) for o in outs)
+        else:
+            sent = outs
+        self._stale_out[i] = tuple(o.detach().clone() for o in sent)
+        return sent if isinstance(output, tuple) else sent[0]
+
+
+def free_ride(start: State, state: State, stale: State | None, scale: float, generator: torch.Generator) -> State:
+    """A free rider's end weights: the epoch's start plus its last real update, perturbed, and nothing learnt."""
+    out = {}
+    for k, v in state.items():
+        if not v.is_floating_point():
+            out[k] = start[k].clone()
+            continue
+        u = stale.get(k) if stale else None
+        if u is None:
+            out[k] = start[k].clone()
+            continue
+        noise = torch.randn(u.shape, generator=generator, dtype=u.dtype)
+        out[k] = start[k] + u * (1 + scale * noise)
+    return out

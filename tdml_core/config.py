@@ -52,7 +52,8 @@ class DatasetSpec(_Strict):
         return self
 
 
-ATTACK_KINDS = ("gaussian", "zero_gradient", "mean_shift", "sign_flip", "alie", "ipm", "label_flip", "scaled")
+ATTACK_KINDS = ("gaussian", "zero_gradient", "mean_shift", "sign_flip", "alie", "ipm", "label_flip", "scaled",
+                "free_rider", "lazy", "forged_output", "forged_grad")
 
 
 class AttackSpec(_Strict):
@@ -60,13 +61,16 @@ class AttackSpec(_Strict):
 
     ``scale`` is the attack's one strength parameter; None takes the kind's default:
     gaussian σ (√200), mean_shift and alie z (1.5 and Baruch et al.'s z_max), sign_flip
-    and scaled factor (1 and 10), ipm ε (0.5); zero_gradient and label_flip have none.
+    and scaled factor (1 and 10), ipm ε (0.5), free_rider's perturbation (0.1 of the
+    stale update), forged_output and forged_grad noise (1 × the values' spread);
+    zero_gradient and label_flip have none. ``q`` is the share of steps ``lazy`` skips.
     """
 
     slot: str  # "PIPELINE/STAGE"
     kind: Literal[ATTACK_KINDS]  # type: ignore[valid-type]
     from_epoch: int = Field(default=0, ge=0)
     scale: float | None = Field(default=None, gt=0)
+    q: float = Field(default=0.1, gt=0, le=1)  # lazy: the share of its steps it skips
 
     @field_validator("slot")
     @classmethod
@@ -106,6 +110,16 @@ class DetectionSpec(_Strict):
         if self.evict_after > self.window:
             raise ValueError(f"evict_after ({self.evict_after}) must not exceed window ({self.window})")
         return self
+
+
+class VerificationSpec(_Strict):
+    """How trainers' work is checked: per-step records, a Merkle root per epoch, random steps recomputed."""
+
+    enabled: bool = True
+    checks: int = Field(default=66, ge=0)  # random steps recomputed per trainer per epoch (besides its last);
+    #                                        66 catch a trainer skipping 10% of its steps with 1 − 0.9^66 > 99.9%
+    checkpoint_every: int = Field(default=1, ge=1)  # a weights digest every this many steps; a check replays from it
+    tolerance: float = Field(default=1e-4, gt=0)  # largest |recomputed − committed| / max|committed| accepted
 
 
 class AggregationSpec(_Strict):
@@ -170,6 +184,7 @@ class JobSpec(_Strict):
     attacks: list[AttackSpec] = Field(default_factory=list)  # simulated dishonest trainers
     detection: DetectionSpec = DetectionSpec()
     aggregation: AggregationSpec = AggregationSpec()
+    verification: VerificationSpec = VerificationSpec()
 
     @field_validator("data_parallel")
     @classmethod

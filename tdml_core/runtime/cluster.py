@@ -210,12 +210,15 @@ class PipelineCluster:
             stage_states = [replies[(p, s)][1] for s in range(self.plan.n_stages)]
             last_stats = replies[(p, self.plan.n_stages - 1)][2]
             state = {k: v for st in stage_states for k, v in st.items()}
+            stage_stats = [replies[(p, s)][2] for s in range(self.plan.n_stages)]
             out.append(
                 {
                     "state": state,
                     "stages": stage_states,
                     "train_loss": last_stats["train_loss"],
                     "batches": last_stats["batches"],
+                    "records": [st.get("record") for st in stage_stats],  # per stage: its commitment, if recorded
+                    "record_bytes": [st.get("record_bytes", 0) for st in stage_stats],
                 }
             )
         return out
@@ -254,3 +257,8 @@ class PipelineCluster:
         replies = self.request(msgs, "a gradient check")
         grads = {k: v for s in range(self.plan.n_stages) for k, v in replies[(pipeline, s)][1].items()}
         return grads, replies[(pipeline, self.plan.n_stages - 1)][2]
+
+    def reveal(self, challenges: dict[Slot, list[int]]) -> dict[Slot, dict]:
+        """Each challenged trainer reveals the records and tensors of its challenged steps of the last epoch."""
+        replies = self.request({slot: ("reveal", list(steps)) for slot, steps in challenges.items()}, "a challenge")
+        return {slot: reply[1] for slot, reply in replies.items()}

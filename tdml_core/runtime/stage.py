@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from tdml_core import attacks
 from tdml_core.artifacts import get_state, put_state
 from tdml_core.config import JobSpec
-from tdml_core.data import batches, shard
+from tdml_core.data import batches, num_batches, shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer, model_for
+from tdml_core.verify.records import EpochLog, Recorder
 
 
 @dataclass
@@ -178,6 +179,11 @@ class StageProcess:
         schedule_cls = Schedule1F1B if spec.schedule == "1f1b" else ScheduleGPipe
         self.schedule = schedule_cls(stage, spec.microbatches, loss_fn=F.cross_entropy)
         self.optimizer = make_optimizer(spec, self.module.parameters())
+        # a dishonest trainer's hooks first, then the records', so the records hold what was really sent
+        self.tamper = attacks.Tamper(self.module, first=self.is_first, last=self.is_last)
+        self.recorder = Recorder(self.module, first=self.is_first, last=self.is_last)
+        self.log: EpochLog | None = None  # the last epoch's records, kept for its challenges
+        self._last_update: dict | None = None  # what a free rider sends back instead of working
         if self.trainer and self.trainer.src.generation > 0:
             self._leave_collusion()
         self.generation = 0  # without a trainer source: how many times ``replace`` gave the slot a new trainer
@@ -223,28 +229,48 @@ class StageProcess:
         self.module.train()
         first = (self.trainer.src.generation if self.trainer else self.generation) == 0
         attack = attacks.attack_of(spec, a.pipeline, a.stage, epoch) if first else None
-        if attack is not None:
-            start = {k: v.detach().cpu().clone() for k, v in start.items()}
+        start = {k: v.detach().cpu().clone() for k, v in start.items()}
         flip = attack is not None and attack.kind == "label_flip" and self.is_last
+        n_batches = num_batches(len(self.y), spec.batch_size)
+        gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage, "tamper")) % 2**63)
+        self.tamper.begin_epoch(attack, n_batches, gen)
+        log = EpochLog(spec.verification.checkpoint_every) if spec.verification.enabled else None
         loss_sum, n = 0.0, 0
         # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
         grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
-        for xb, yb in batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, a.pipeline)):
+        for t, (xb, yb) in enumerate(batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, a.pipeline))):
             self.optimizer.zero_grad(set_to_none=True)
-            losses = self._step(xb, (self.num_classes - 1 - yb) if flip else yb)
+            target = (self.num_classes - 1 - yb) if flip else yb
+            skip = self.tamper.begin_step(t)
+            if log is not None:
+                self.recorder.begin(log, t, self.module, self.optimizer, target if self.is_last else None,
+                                    spec.microbatches)
+            losses = self._step(xb, target)
+            if log is not None:
+                self.recorder.end()
+            self.tamper.end_step()
             if grad_sum is not None:
                 with torch.no_grad():
                     for name, p in self.module.named_parameters():
                         if p.grad is not None:
                             grad_sum[name] += p.grad
-            self.optimizer.step()
+            if not skip:
+                self.optimizer.step()
             if losses:
                 loss_sum += float(torch.stack([loss.detach() for loss in losses]).mean())
             n += 1
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
-        if attack is not None:
+        if attack is not None and attack.kind == "free_rider":
+            state = attacks.free_ride(start, state, self._last_update, self.tamper.scale, gen)
+        elif attack is not None and attack.kind not in attacks.COMPUTE:
             state, grad_sum = self._attack(attack, epoch, start, state, grad_sum)
+        if attack is None:
+            self._last_update = attacks.update(start, state)
+        if log is not None:
+            stats["record"] = log.close(state)
+            stats["record_bytes"] = log.nbytes()
+        self.log = log
         if not self.trainer:
             return state, stats
         stats["weights"] = self.trainer.put("weights", state)
@@ -268,6 +294,12 @@ class StageProcess:
         if grad_sum is not None:
             grad_sum = attacks.forged_grad({k: g.cpu() for k, g in grad_sum.items()}, bad)
         return out, grad_sum
+
+    def reveal(self, steps: list[int]) -> dict:
+        """Answer a challenge: the records and tensors of ``steps`` of the last epoch."""
+        if self.log is None:
+            raise RuntimeError("no records kept: verification is off or no epoch has run")
+        return self.log.reveal(steps)
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)
@@ -303,6 +335,8 @@ def stage_main(args: StageArgs, conn) -> None:
                 break
             if cmd == "epoch":
                 conn.send(("trained", *proc.train_epoch(*payload)))
+            elif cmd == "reveal":
+                conn.send(("revealed", proc.reveal(*payload)))
             elif cmd == "grads":
                 conn.send(("grads", *proc.batch_grads(*payload)))
             elif cmd == "reset":

@@ -1,0 +1,1 @@
+"""Verification of trainers' compute: per-step records, Merkle commitments, challenges, recomputation."""

@@ -1,0 +1,220 @@
+"""What a trainer records of its epoch, step by step, and commits as one Merkle root.
+
+Leaf ``t`` (for each step t of N) holds the digests of what the stage had and
+did at that step: its weights, optimizer state and random state before the step
+(every ``checkpoint_every`` steps), what it received (the data batch's
+microbatches on the first stage, the activations from upstream elsewhere; the
+targets on the last stage; the gradients from downstream) and what it sent (its
+activations downstream, its input gradients upstream). Leaf N holds the digest
+of the committed end weights. The tensors themselves stay with the trainer
+until a challenge asks for some steps (``EpochLog.reveal``).
+
+``Recorder`` fills a log from hooks on the stage module, so it records exactly
+the tensors the pipeline schedule received and sent, after anything else the
+process did to them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from tdml_core.artifacts import state_digest
+from tdml_core.verify import merkle
+
+Tensors = list[torch.Tensor]
+FIELDS = ("inputs", "targets", "outputs", "grads_in", "grads_out")  # per-microbatch tensors of a step
+
+
+def tensors_digest(tensors) -> str:
+    return state_digest({f"{i:04d}": t for i, t in enumerate(tensors)})
+
+
+def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """The optimizer's tensors as one flat state (for digests and for the verifier's replay)."""
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, v in st.items():
+            out[f"{idx}.{name}"] = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+    return out
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict] = {}
+    for key, v in flat.items():
+        idx, name = key.split(".", 1)
+        value = v.clone()
+        if name == "step" and not isinstance(sd["param_groups"][0].get("capturable"), bool):
+            value = float(v)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+def leaf_bytes(leaf: dict) -> bytes:
+    return json.dumps(leaf, sort_keys=True, separators=(",", ":")).encode()
+
+
+@dataclass
+class StepData:
+    """One step's tensors, kept by the trainer until its challenges are answered."""
+
+    weights: dict | None = None
+    optim: dict | None = None
+    rng: torch.Tensor | None = None
+    inputs: list = field(default_factory=list)  # per microbatch: a tuple of tensors
+    targets: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    grads_in: list = field(default_factory=list)
+    grads_out: list = field(default_factory=list)
+
+    def leaf(self, step: int) -> dict:
+        def per_mb(values):
+            return [tensors_digest(v if isinstance(v, tuple) else (v,)) for v in values] if values else None
+
+        return {
+            "step": step,
+            "weights": state_digest(self.weights) if self.weights is not None else None,
+            "optim": state_digest(self.optim) if self.optim is not None else None,
+            "rng": tensors_digest([self.rng]) if self.rng is not None else None,
+            **{name: per_mb(getattr(self, name)) for name in FIELDS},
+        }
+
+
+class EpochLog:
+    """A trainer's records of one epoch: leaves, their Merkle root, and the tensors to reveal."""
+
+    def __init__(self, checkpoint_every: int = 1):
+        self.checkpoint_every = checkpoint_every
+        self.steps: list[StepData] = []
+        self.leaves: list[dict] = []
+        self.end_weights: dict | None = None
+
+    def close(self, end_weights: dict) -> dict:
+        """The epoch is over and ``end_weights`` are what the trainer commits: the commitment."""
+        self.end_weights = end_weights
+        self.leaves = [s.leaf(t) for t, s in enumerate(self.steps)]
+        self.leaves.append({"step": len(self.steps), "weights": state_digest(end_weights)})
+        self._hashes = [merkle.leaf_hash(leaf_bytes(leaf)) for leaf in self.leaves]
+        return {"root": merkle.root(self._hashes).hex(), "leaves": len(self.leaves)}
+
+    def segment(self, step: int) -> tuple[int, int]:
+        """The steps [start, end) a check of ``step`` replays: from its checkpoint to the next."""
+        start = step - step % self.checkpoint_every
+        return start, min(start + self.checkpoint_every, len(self.steps))
+
+    def reveal(self, steps: list[int]) -> dict:
+        """What a challenge of ``steps`` gets: their segments' leaves with proofs, and the tensors to replay them."""
+        out: dict[int, dict] = {}
+        for step in steps:
+            start, end = self.segment(step)
+            for t in range(start, end + 1):
+                entry = out.setdefault(t, {"leaf": self.leaves[t],
+                                           "proof": [h.hex() for h in merkle.proof(self._hashes, t)]})
+                if t == end:
+                    entry["weights"] = self.end_weights if t == len(self.steps) else self.steps[t].weights
+                    continue
+                s = self.steps[t]
+                if t == start:
+                    entry.update(weights=s.weights, optim=s.optim, rng=s.rng)
+                entry.update({name: list(getattr(s, name)) for name in FIELDS})
+        return {"leaves": len(self.leaves), "steps": out}
+
+    def nbytes(self) -> int:
+        """Bytes of tensors this log keeps (what the trainer stores for an epoch's challenges)."""
+        def size(v) -> int:
+            if isinstance(v, torch.Tensor):
+                return v.numel() * v.element_size()
+            if isinstance(v, dict):
+                return sum(size(x) for x in v.values())
+            if isinstance(v, (list, tuple)):
+                return sum(size(x) for x in v)
+            return 0
+
+        return sum(size(getattr(s, n)) for s in self.steps for n in ("weights", "optim", "rng", *FIELDS))
+
+
+def _clone(v):
+    if isinstance(v, tuple):
+        return tuple(_clone(x) for x in v)
+    return v.detach().cpu().clone()
+
+
+class Recorder:
+    """Hooks on a stage module that fill the current step of an ``EpochLog``.
+
+    Installed once; idle outside ``begin``/``end``. Hooks installed on the module
+    before these (a dishonest trainer's) act first, so the records hold what was
+    really sent.
+    """
+
+    def __init__(self, module: nn.Module, *, first: bool, last: bool):
+        self.first, self.last = first, last
+        self.log: EpochLog | None = None
+        self.step: StepData | None = None
+        self._handles: list = []
+        module.register_forward_pre_hook(self._pre)
+        module.register_forward_hook(self._post)
+
+    def begin(self, log: EpochLog, t: int, module: nn.Module, optimizer: torch.optim.Optimizer,
+              targets: torch.Tensor | None, microbatches: int) -> None:
+        self.log, self.step = log, StepData()
+        if t % log.checkpoint_every == 0:
+            self.step.weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+            self.step.optim = {k: v.detach().cpu().clone() for k, v in optimizer_state(optimizer).items()}
+            self.step.rng = torch.get_rng_state()
+        if self.last and targets is not None:
+            self.step.targets = [y.clone() for y in targets.tensor_split(microbatches)]
+
+    def end(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for name in ("grads_in", "grads_out"):  # the gradients that really flowed, per microbatch
+            setattr(self.step, name, [tuple(g for g in gs if g is not None) for gs in getattr(self.step, name)])
+        self.log.steps.append(self.step)
+        self.step = None
+
+    def _pre(self, module, args):
+        if self.step is None:
+            return
+        i = len(self.step.inputs)
+        self.step.inputs.append(_clone(tuple(args)))
+        if not self.first:
+            self.step.grads_out.append([None] * len(args))
+            for j, a in enumerate(args):
+                if isinstance(a, torch.Tensor) and a.requires_grad:
+                    self._handles.append(a.register_hook(self._grad_out_hook(i, j)))
+
+    def _grad_out_hook(self, i: int, j: int):
+        def hook(g):
+            self.step.grads_out[i][j] = g.detach().cpu().clone()
+        return hook
+
+    def _post(self, module, args, output):
+        if self.step is None or self.last:
+            return
+        i = len(self.step.outputs)
+        outs = output if isinstance(output, tuple) else (output,)
+        # an input passed straight through (a skip connection) gets its own node, so the hook below
+        # sees the gradient that came back for this output, not the input's total
+        passed = {id(a) for a in args if isinstance(a, torch.Tensor)}
+        through = any(id(o) in passed for o in outs)
+        if through:
+            outs = tuple(o.view_as(o) if id(o) in passed else o for o in outs)
+        self.step.outputs.append(_clone(outs))
+        self.step.grads_in.append([None] * len(outs))
+        for j, o in enumerate(outs):
+            if isinstance(o, torch.Tensor) and o.requires_grad:
+                self._handles.append(o.register_hook(self._grad_in_hook(i, j)))
+        if through:
+            return outs if isinstance(output, tuple) else outs[0]
+        return None
+
+    def _grad_in_hook(self, i: int, j: int):
+        def hook(g):
+            self.step.grads_in[i][j] = g.detach().cpu().clone()
+        return hook

@@ -1,0 +1,89 @@
+"""The verifier of one job: draws each trainer's challenges, re-runs them, and says who failed.
+
+It holds what any participant derives from the job spec (the model's split, the
+optimizer, the shards' batch order) and the shards themselves, so it can rebuild
+the first stage's inputs and the last stage's targets; everything else comes
+from what the trainers reveal.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from tdml_core.config import JobSpec
+from tdml_core.data import Dataset, batches, shard
+from tdml_core.model import StagePlan, split_model
+from tdml_core.runtime.context import epoch_seed, example_microbatch, make_optimizer, new_model
+from tdml_core.verify import challenge
+from tdml_core.verify.recompute import Finding, StageReplay
+
+Slot = tuple[int, int]
+
+
+@dataclass
+class Verdict:
+    """One trainer's checks in one epoch."""
+
+    pipeline: int
+    stage: int
+    epoch: int
+    steps: list[int]
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def failed(self) -> bool:
+        return any(not f.ok for f in self.findings)
+
+    @property
+    def first_failure(self) -> Finding | None:
+        return next((f for f in self.findings if not f.ok), None)
+
+    def as_doc(self) -> dict:
+        return {"pipeline": self.pipeline, "stage": self.stage, "epoch": self.epoch, "steps": self.steps,
+                "failed": self.failed, "findings": [f.as_doc() for f in self.findings]}
+
+
+class Referee:
+    def __init__(self, spec: JobSpec, plan: StagePlan, ds: Dataset):
+        self.spec, self.plan, self.ds = spec, plan, ds
+        model = new_model(spec, ds)
+        self.modules = split_model(copy.deepcopy(model), plan, example_microbatch(ds, spec))
+        self._shards: dict[int, tuple] = {}
+
+    def _batch(self, pipeline: int, epoch: int):
+        if pipeline not in self._shards:
+            self._shards[pipeline] = shard(self.ds, pipeline, self.spec.data_parallel, self.spec.seed)
+        x, y = self._shards[pipeline]
+        cache: dict[int, tuple] = {}
+
+        def data(t: int):
+            if not cache:
+                cache.update(enumerate(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline))))
+            return cache[t]
+        return data
+
+    def replay(self, pipeline: int, stage: int, epoch: int) -> StageReplay:
+        v = self.spec.verification
+        return StageReplay(self.modules[stage], lambda ps: make_optimizer(self.spec, ps),
+                           first=stage == 0, last=stage == self.plan.n_stages - 1,
+                           microbatches=self.spec.microbatches, tolerance=v.tolerance,
+                           checkpoint_every=v.checkpoint_every, data=self._batch(pipeline, epoch))
+
+    def challenges(self, seed: bytes, records: dict[Slot, dict]) -> dict[Slot, list[int]]:
+        """Each trainer's challenged steps, from ``seed`` (unknown when it committed) and its commitment."""
+        return {slot: challenge.pick(seed, f"{slot[0]}/{slot[1]}", int(rec["leaves"]) - 1,
+                                     self.spec.verification.checks)
+                for slot, rec in records.items() if rec}
+
+    def judge(self, epoch: int, records: dict[Slot, dict], steps: dict[Slot, list[int]],
+              reveals: dict[Slot, dict]) -> dict[Slot, Verdict]:
+        out = {}
+        for slot, chosen in steps.items():
+            replay = self.replay(slot[0], slot[1], epoch)
+            verdict = Verdict(slot[0], slot[1], epoch, list(chosen))
+            reveal = reveals.get(slot) or {"leaves": records[slot]["leaves"], "steps": {}}
+            for t in chosen:
+                verdict.findings.append(replay.check(reveal, records[slot]["root"], t))
+            out[slot] = verdict
+        return out

@@ -1,0 +1,100 @@
+"""Verification of trainers' compute: records, Merkle proofs, challenges, recomputation."""
+
+import os
+
+import pytest
+import torch
+
+from tdml_core.attacks import Tamper
+from tdml_core.config import parse_spec
+from tdml_core.runtime.cluster import PipelineCluster
+from tdml_core.runtime.context import load_job, make_plan
+from tdml_core.verify import challenge, merkle
+from tdml_core.verify.recompute import relative_diff
+from tdml_core.verify.referee import Referee
+
+
+def test_every_leaf_proves_against_the_root_and_no_other_leaf_does():
+    for n in (1, 2, 3, 5, 8, 13):
+        leaves = [merkle.leaf_hash(bytes([i]) * 4) for i in range(n)]
+        root = merkle.root(leaves)
+        for i in range(n):
+            path = merkle.proof(leaves, i)
+            assert merkle.verify(leaves[i], i, n, path, root)
+            if n > 1:
+                assert not merkle.verify(leaves[(i + 1) % n], i, n, path, root)
+                assert not merkle.verify(leaves[i], (i + 1) % n, n, path, root)
+        assert not merkle.verify(leaves[0], 0, n, merkle.proof(leaves, 0), merkle.leaf_hash(b"other"))
+    # two leaves hash to the documented RFC 6962 root
+    a, b = merkle.leaf_hash(b"a"), merkle.leaf_hash(b"b")
+    import hashlib
+    assert merkle.root([a, b]) == hashlib.sha256(b"\x01" + a + b).digest()
+
+
+def test_challenges_are_distinct_include_the_last_step_and_follow_the_seed():
+    steps = challenge.pick(b"block-hash", "0/1", 100, 10)
+    assert len(steps) == 11 and len(set(steps)) == 11 and steps[-1] == 99
+    assert steps == challenge.pick(b"block-hash", "0/1", 100, 10)
+    assert steps != challenge.pick(b"other-hash", "0/1", 100, 10)
+    assert steps != challenge.pick(b"block-hash", "1/1", 100, 10)
+    assert challenge.pick(b"s", "0/0", 5, 66) == [0, 1, 2, 3, 4]
+    assert challenge.pick(b"s", "0/0", 0, 3) == []
+
+
+def test_a_lazy_trainer_skips_its_share_of_steps():
+    m = torch.nn.Linear(2, 2)
+    tamper = Tamper(m, first=True, last=False)
+    from tdml_core.config import AttackSpec
+    tamper.begin_epoch(AttackSpec(slot="0/0", kind="lazy", q=0.25), 40, torch.Generator().manual_seed(1))
+    assert sum(tamper.begin_step(t) for t in range(40)) == 10
+    tamper.begin_epoch(None, 40, torch.Generator())
+    assert not any(tamper.begin_step(t) for t in range(40))
+
+
+def test_relative_difference():
+    b = torch.tensor([1.0, -2.0])
+    assert relative_diff(b + torch.tensor([0.0, 0.2]), b) == pytest.approx(0.1)
+    assert relative_diff(torch.ones(3), torch.ones(2)) == float("inf")
+    assert relative_diff(torch.tensor([1, 2]), torch.tensor([1, 2])) == 0.0
+
+
+def _run_and_judge(spec, epochs=1, checks=None):
+    ds, model = load_job(spec)
+    plan = make_plan(spec, model, ds)
+    ref = Referee(spec, plan, ds)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    verdicts = []
+    with PipelineCluster(spec, plan) as cluster:
+        for epoch in range(epochs):
+            out = cluster.train_epoch(epoch, state)
+            records = {(p, s): out[i]["records"][s] for i, p in enumerate(cluster.pipeline_ids)
+                       for s in range(plan.n_stages)}
+            steps = ref.challenges(os.urandom(32), records)
+            verdicts.append(ref.judge(epoch, records, steps, cluster.reveal(steps)))
+    return verdicts
+
+
+def test_forged_messages_are_pinned_on_their_sender_and_not_on_the_receiver():
+    spec = parse_spec({"data_parallel": 2, "stages": 2, "batch_size": 32, "microbatches": 4, "epochs": 1,
+                       "dataset": {"name": "digits", "limit": 512}, "verification": {"checks": 3},
+                       "attacks": [{"slot": "0/0", "kind": "forged_output"},
+                                   {"slot": "1/1", "kind": "forged_grad"}]})
+    (verdicts,) = _run_and_judge(spec)
+    assert {slot for slot, v in verdicts.items() if v.failed} == {(0, 0), (1, 1)}
+    assert verdicts[(0, 0)].first_failure.what == "outputs"
+    assert verdicts[(1, 1)].first_failure.what == "grads_out"
+    for slot in ((0, 1), (1, 0)):  # each received the forged values and computed honestly from them
+        assert all(f.ok and f.max_diff <= 1e-6 for f in verdicts[slot].findings), verdicts[slot].as_doc()
+        assert len(verdicts[slot].steps) == 4  # three random steps and the last
+
+
+def test_honest_trainers_of_a_three_stage_residual_model_pass_under_1f1b():
+    spec = parse_spec({"model": "tests.models:residual_mlp", "stages": 3, "schedule": "1f1b",
+                       "data_parallel": 2, "top_k": 1, "batch_size": 24, "microbatches": 3, "epochs": 2,
+                       "dataset": {"name": "digits", "limit": 240},
+                       "verification": {"checks": 2, "checkpoint_every": 3}})
+    for verdicts in _run_and_judge(spec, epochs=2):
+        assert len(verdicts) == 6
+        for v in verdicts.values():
+            assert not v.failed, v.as_doc()
+            assert all(f.segment[1] - f.segment[0] in (1, 2, 3) for f in v.findings)
