@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/tdml audit $(OUT)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: $(STAMP)
 	$(BIN)/python bench/chain_bench.py

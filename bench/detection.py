@@ -43,7 +43,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tdml_core.config import ATTACK_KINDS  # noqa: E402
+from tdml_core.attacks import COMPUTE  # noqa: E402
+from tdml_core.config import ATTACK_KINDS as ALL_KINDS  # noqa: E402
+
+ATTACK_KINDS = tuple(k for k in ALL_KINDS if k not in COMPUTE)  # the compute attacks are bench/verification.py's
 
 DETECTORS = ("two_means_pca", "two_means_random", "mandera")
 PLACEMENTS = ("one", "same", "across")

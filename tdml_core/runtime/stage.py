@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import time
 import traceback
 from dataclasses import dataclass, replace as with_fields
 from datetime import timedelta
@@ -223,6 +224,7 @@ class StageProcess:
         of its weights and epoch gradient, already in the store.
         """
         spec, a = self.args.spec, self.args
+        cpu0 = time.process_time()
         if self.trainer:
             start = self.trainer.stage_input(start)
         self.module.load_state_dict(start)
@@ -268,9 +270,12 @@ class StageProcess:
         if attack is None:
             self._last_update = attacks.update(start, state)
         if log is not None:
+            c0 = time.process_time()
             stats["record"] = log.close(state)
+            stats["commit_cpu_s"] = time.process_time() - c0  # hashing the records into their root
             stats["record_bytes"] = log.nbytes()
         self.log = log
+        stats["cpu_s"] = time.process_time() - cpu0
         if not self.trainer:
             return state, stats
         stats["weights"] = self.trainer.put("weights", state)

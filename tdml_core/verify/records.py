@@ -16,6 +16,7 @@ process did to them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 
@@ -29,8 +30,22 @@ Tensors = list[torch.Tensor]
 FIELDS = ("inputs", "targets", "outputs", "grads_in", "grads_out")  # per-microbatch tensors of a step
 
 
+def fast_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over a state's names, dtypes, shapes and raw bytes, hashed in place (no serialised copy)."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 def tensors_digest(tensors) -> str:
-    return state_digest({f"{i:04d}": t for i, t in enumerate(tensors)})
+    return fast_digest({f"{i:04d}": t for i, t in enumerate(tensors)})
 
 
 def optimizer_state(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -77,8 +92,8 @@ class StepData:
 
         return {
             "step": step,
-            "weights": state_digest(self.weights) if self.weights is not None else None,
-            "optim": state_digest(self.optim) if self.optim is not None else None,
+            "weights": fast_digest(self.weights) if self.weights is not None else None,
+            "optim": fast_digest(self.optim) if self.optim is not None else None,
             "rng": tensors_digest([self.rng]) if self.rng is not None else None,
             **{name: per_mb(getattr(self, name)) for name in FIELDS},
         }
