@@ -220,7 +220,7 @@ def cost_part(args) -> dict:
             "dataset": {"name": "synthetic", "synthetic": {"samples": samples, "shape": [1, 8, 8], "classes": 10}}}
     rows = {}
     for enabled in (False, True):
-        spec = parse_spec({**base, "verification": {"enabled": enabled}})
+        spec = parse_spec({**base, "verification": {"enabled": enabled, "checkpoint_every": args.checkpoint_every}})
         ds, model = load_job(spec)
         plan = make_plan(spec, model, ds)
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -287,6 +287,7 @@ def main() -> None:
     ap.add_argument("--draws", type=int, default=4000)
     ap.add_argument("--lazy-epochs", type=int, default=5, help="lazy epochs (skip sets) the draws spread over")
     ap.add_argument("--long-steps", type=int, default=1400)
+    ap.add_argument("--checkpoint-every", type=int, default=1, help="the cost part's verification.checkpoint_every")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     out = Path(args.out)

@@ -162,6 +162,11 @@ class Tamper:
         module.register_forward_pre_hook(self._pre)
         module.register_forward_hook(self._post)
 
+    def forget(self) -> None:
+        """A new trainer holds the slot (or a new run starts): nothing it sent before is its to resend."""
+        self._stale_out.clear()
+        self._stale_grad.clear()
+
     def begin_epoch(self, attack: AttackSpec | None, n_steps: int, generator: torch.Generator) -> None:
         self.kind = attack.kind if attack is not None and attack.kind in COMPUTE else None
         self.scale = DEFAULTS.get(self.kind) if attack is None or attack.scale is None else attack.scale

@@ -90,10 +90,10 @@ def test_forged_messages_are_pinned_on_their_sender_and_not_on_the_receiver():
 
 def test_honest_trainers_of_a_three_stage_residual_model_pass_under_1f1b():
     spec = parse_spec({"model": "tests.models:residual_mlp", "stages": 3, "schedule": "1f1b",
-                       "data_parallel": 2, "top_k": 1, "batch_size": 24, "microbatches": 3, "epochs": 2,
+                       "data_parallel": 2, "top_k": 1, "batch_size": 24, "microbatches": 3, "epochs": 1,
                        "dataset": {"name": "digits", "limit": 240},
                        "verification": {"checks": 2, "checkpoint_every": 3}})
-    for verdicts in _run_and_judge(spec, epochs=2):
+    for verdicts in _run_and_judge(spec, epochs=1):
         assert len(verdicts) == 6
         for v in verdicts.values():
             assert not v.failed, v.as_doc()

@@ -195,12 +195,19 @@ class StageProcess:
         self.args = with_fields(self.args, spec=spec, collusion_dir=collusion_dir)
         self.generation = 0
         self.optimizer = make_optimizer(spec, self.module.parameters())
+        self._forget()
 
     def replace(self) -> None:
         """A new trainer holds the slot: none of the spec's attacks are its own, and its optimizer starts empty."""
         self._leave_collusion()
         self.generation += 1
         self.optimizer = make_optimizer(self.args.spec, self.module.parameters())
+        self._forget()
+
+    def _forget(self) -> None:
+        """What the slot's previous trainer (or run) kept: its records, last update and last messages."""
+        self.log, self._last_update = None, None
+        self.tamper.forget()
 
     def _leave_collusion(self) -> None:
         """The slot's first trainer is gone: if it colluded, its group stops waiting for its updates."""
