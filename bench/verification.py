@@ -53,7 +53,8 @@ from tdml_core.robust.validate import evaluate  # noqa: E402
 from tdml_core.runtime.cluster import PipelineCluster  # noqa: E402
 from tdml_core.runtime.context import load_job, make_plan  # noqa: E402
 from tdml_core.verify import challenge  # noqa: E402
-from tdml_core.verify.referee import Referee  # noqa: E402
+from tdml_core.verify.records import tensor_bytes  # noqa: E402
+from tdml_core.verify.referee import Referee, slot_records  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 # where each kind's one attacker sits: a stage that sends what the kind forges
@@ -68,10 +69,6 @@ def seed_bytes(*parts) -> bytes:
     return hashlib.sha256(repr(parts).encode()).digest()
 
 
-def records_of(out: list[dict], pipeline_ids: list[int], n_stages: int) -> dict:
-    return {(p, s): out[i]["records"][s] for i, p in enumerate(pipeline_ids) for s in range(n_stages)}
-
-
 def run_one(cluster, ref: Referee, spec, ds, model, kind: str | None, seed: int, epochs: int, from_epoch: int):
     cluster.reset([] if kind is None else [AttackSpec(slot=slot_of(kind), kind=kind, from_epoch=from_epoch)])
     attacker = None if kind is None else tuple(int(x) for x in slot_of(kind).split("/"))
@@ -80,7 +77,7 @@ def run_one(cluster, ref: Referee, spec, ds, model, kind: str | None, seed: int,
     epochs_out = []
     for epoch in range(epochs):
         out = cluster.train_epoch(epoch, state)
-        records = records_of(out, cluster.pipeline_ids, ref.plan.n_stages)
+        records = slot_records(out, cluster.pipeline_ids)
         steps = ref.challenges(seed_bytes(seed, kind, epoch), records)
         verdicts = ref.judge(epoch, records, steps, cluster.reveal(steps))
         failed = sorted(slot for slot, v in verdicts.items() if v.failed)
@@ -172,7 +169,7 @@ def lazy_part(args) -> dict:
             failing_by_epoch, n = [], 0
             for epoch in range(args.lazy_epochs):  # each epoch skips another set of steps
                 out = cluster.train_epoch(epoch, state)
-                rec = records_of(out, cluster.pipeline_ids, plan.n_stages)[(0, 0)]
+                rec = slot_records(out, cluster.pipeline_ids)[(0, 0)]
                 n = int(rec["leaves"]) - 1
                 every = {(0, 0): list(range(n))}
                 verdict = ref.judge(epoch, {(0, 0): rec}, every, cluster.reveal(every))[(0, 0)]
@@ -202,18 +199,6 @@ def lazy_table(lazy: dict) -> str:
     return "\n".join(lines)
 
 
-def _reveal_bytes(bundle: dict) -> int:
-    def size(v) -> int:
-        if isinstance(v, torch.Tensor):
-            return v.numel() * v.element_size()
-        if isinstance(v, dict):
-            return sum(size(x) for x in v.values())
-        if isinstance(v, (list, tuple)):
-            return sum(size(x) for x in v)
-        return 0
-    return size(bundle)
-
-
 def cost_part(args) -> dict:
     samples = int(args.long_steps * 32 * 2 / 0.8) + 64
     base = {"data_parallel": 2, "stages": 2, "epochs": 1, "seed": 0, "top_k": 2, "batch_size": 32, "microbatches": 4,
@@ -233,7 +218,7 @@ def cost_part(args) -> dict:
                    "steps": out[0]["batches"]}
             if enabled:
                 ref = Referee(spec, plan, ds)
-                records = records_of(out, cluster.pipeline_ids, plan.n_stages)
+                records = slot_records(out, cluster.pipeline_ids)
                 steps = ref.challenges(seed_bytes("cost"), records)
                 t0 = time.perf_counter()
                 reveals = cluster.reveal(steps)
@@ -245,7 +230,7 @@ def cost_part(args) -> dict:
                 row["failed"] = sum(v.failed for v in verdicts.values())
                 row["checks_per_trainer"] = len(next(iter(steps.values())))
                 row["kept_bytes"] = max(b for o in out for b in o["record_bytes"])
-                row["revealed_bytes"] = max(_reveal_bytes(r) for r in reveals.values())
+                row["revealed_bytes"] = max(tensor_bytes(r) for r in reveals.values())
                 row["stage_bytes"] = max(sum(v.numel() * v.element_size() for v in st.values())
                                          for o in out for st in o["stages"])
             rows["on" if enabled else "off"] = row

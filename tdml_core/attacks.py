@@ -35,10 +35,10 @@ DEFAULTS = {"gaussian": math.sqrt(200.0), "mean_shift": 1.5, "sign_flip": 1.0, "
 State = dict[str, torch.Tensor]
 
 
-def attack_of(spec: JobSpec, pipeline: int, stage: int, epoch: int) -> AttackSpec | None:
-    """The attack trainer (pipeline, stage) runs at ``epoch``, if any."""
+def attack_of(spec: JobSpec, pipeline: int, stage: int, epoch: int | None = None) -> AttackSpec | None:
+    """The attack trainer (pipeline, stage) runs at ``epoch`` (None: at any epoch), if any."""
     for a in spec.attacks:
-        if a.pipeline == pipeline and a.stage == stage and epoch >= a.from_epoch:
+        if a.pipeline == pipeline and a.stage == stage and (epoch is None or epoch >= a.from_epoch):
             return a
     return None
 

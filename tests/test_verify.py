@@ -11,7 +11,7 @@ from tdml_core.runtime.cluster import PipelineCluster
 from tdml_core.runtime.context import load_job, make_plan
 from tdml_core.verify import challenge, merkle
 from tdml_core.verify.recompute import relative_diff
-from tdml_core.verify.referee import Referee
+from tdml_core.verify.referee import Referee, slot_records
 
 
 def test_every_leaf_proves_against_the_root_and_no_other_leaf_does():
@@ -67,8 +67,7 @@ def _run_and_judge(spec, epochs=1, checks=None):
     with PipelineCluster(spec, plan) as cluster:
         for epoch in range(epochs):
             out = cluster.train_epoch(epoch, state)
-            records = {(p, s): out[i]["records"][s] for i, p in enumerate(cluster.pipeline_ids)
-                       for s in range(plan.n_stages)}
+            records = slot_records(out, cluster.pipeline_ids)
             steps = ref.challenges(os.urandom(32), records)
             verdicts.append(ref.judge(epoch, records, steps, cluster.reveal(steps)))
     return verdicts

@@ -212,8 +212,8 @@ class StageProcess:
     def _leave_collusion(self) -> None:
         """The slot's first trainer is gone: if it colluded, its group stops waiting for its updates."""
         a = self.args
-        mine = [x for x in a.spec.attacks if x.pipeline == a.pipeline and x.stage == a.stage]
-        if mine and mine[0].kind in attacks.COLLUDING and a.collusion_dir:
+        mine = attacks.attack_of(a.spec, a.pipeline, a.stage)
+        if mine is not None and mine.kind in attacks.COLLUDING and a.collusion_dir:
             attacks.Collusion(a.collusion_dir, 0).leave(a.stage, a.pipeline)
 
     def _step(self, xb, yb) -> list[torch.Tensor]:
@@ -274,7 +274,8 @@ class StageProcess:
             state = attacks.free_ride(start, state, self._last_update, self.tamper.scale, gen)
         elif attack is not None and attack.kind not in attacks.COMPUTE:
             state, grad_sum = self._attack(attack, epoch, start, state, grad_sum)
-        if attack is None:
+        planned = attacks.attack_of(spec, a.pipeline, a.stage) if first else None
+        if attack is None and planned is not None and planned.kind == "free_rider":  # kept for its free ride
             self._last_update = attacks.update(start, state)
         if log is not None:
             c0 = time.process_time()

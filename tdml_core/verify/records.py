@@ -62,10 +62,7 @@ def load_optimizer_state(opt: torch.optim.Optimizer, flat: dict[str, torch.Tenso
     state: dict[int, dict] = {}
     for key, v in flat.items():
         idx, name = key.split(".", 1)
-        value = v.clone()
-        if name == "step" and not isinstance(sd["param_groups"][0].get("capturable"), bool):
-            value = float(v)
-        state.setdefault(int(idx), {})[name] = value
+        state.setdefault(int(idx), {})[name] = v.clone()
     opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
 
 
@@ -140,16 +137,18 @@ class EpochLog:
 
     def nbytes(self) -> int:
         """Bytes of tensors this log keeps (what the trainer stores for an epoch's challenges)."""
-        def size(v) -> int:
-            if isinstance(v, torch.Tensor):
-                return v.numel() * v.element_size()
-            if isinstance(v, dict):
-                return sum(size(x) for x in v.values())
-            if isinstance(v, (list, tuple)):
-                return sum(size(x) for x in v)
-            return 0
+        return sum(tensor_bytes(getattr(s, n)) for s in self.steps for n in ("weights", "optim", "rng", *FIELDS))
 
-        return sum(size(getattr(s, n)) for s in self.steps for n in ("weights", "optim", "rng", *FIELDS))
+
+def tensor_bytes(v) -> int:
+    """Bytes of the tensors in ``v``, however nested in dicts, lists and tuples."""
+    if isinstance(v, torch.Tensor):
+        return v.numel() * v.element_size()
+    if isinstance(v, dict):
+        return sum(tensor_bytes(x) for x in v.values())
+    if isinstance(v, (list, tuple)):
+        return sum(tensor_bytes(x) for x in v)
+    return 0
 
 
 def _clone(v):

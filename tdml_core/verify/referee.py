@@ -44,24 +44,26 @@ class Verdict:
                 "failed": self.failed, "findings": [f.as_doc() for f in self.findings]}
 
 
+def slot_records(locals_: list[dict], pipeline_ids: list[int]) -> dict[Slot, dict]:
+    """Every trainer's commitment from ``PipelineCluster.train_epoch``'s per-pipeline results, by slot."""
+    return {(p, s): rec for lc, p in zip(locals_, pipeline_ids) for s, rec in enumerate(lc["records"])}
+
+
 class Referee:
     def __init__(self, spec: JobSpec, plan: StagePlan, ds: Dataset):
         self.spec, self.plan, self.ds = spec, plan, ds
         model = new_model(spec, ds)
         self.modules = split_model(copy.deepcopy(model), plan, example_microbatch(ds, spec))
-        self._shards: dict[int, tuple] = {}
+        self._batches: dict[tuple[int, int], list] = {}  # (pipeline, epoch) → that epoch's batches
 
     def _batch(self, pipeline: int, epoch: int):
-        if pipeline not in self._shards:
-            self._shards[pipeline] = shard(self.ds, pipeline, self.spec.data_parallel, self.spec.seed)
-        x, y = self._shards[pipeline]
-        cache: dict[int, tuple] = {}
-
-        def data(t: int):
-            if not cache:
-                cache.update(enumerate(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline))))
-            return cache[t]
-        return data
+        """step → the shard's (x, y) batch of ``pipeline`` in ``epoch``, built once for all of its stages."""
+        key = (pipeline, epoch)
+        if key not in self._batches:
+            self._batches = {k: v for k, v in self._batches.items() if k[1] == epoch}  # earlier epochs are done
+            x, y = shard(self.ds, pipeline, self.spec.data_parallel, self.spec.seed)
+            self._batches[key] = list(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline)))
+        return self._batches[key].__getitem__
 
     def replay(self, pipeline: int, stage: int, epoch: int) -> StageReplay:
         v = self.spec.verification
