@@ -7,15 +7,21 @@
         records: the client commits the job's inputs and the keys it seals;
         the server of pipeline p its plan and the keys it seals to its
         trainers; the trainer holding stage s of pipeline p that stage's
-        weights and gradient; the validator the ring assigns (the server of
-        pipeline p+1) pipeline p's score; the aggregating server (pipeline 0's)
-        attempts, stage inputs, verdicts and global models. Commitments are
-        written once, only for epochs the job has, only in order.
+        weights, gradient and the Merkle root of its per-step records (the
+        three at once with `commitWork`); the validator the ring assigns (the
+        server of pipeline p+1) pipeline p's score and, as pipeline p's
+        referee, the verification of its trainers; the aggregating server
+        (pipeline 0's) attempts, stage inputs, verdicts and global models.
+        Commitments are written once, only for epochs the job has, only in
+        order; the block of an attempt's last trainer write is kept, and the
+        hash of the block after it seeds the verifier's challenges.
         A participant is credited one unit per finished epoch whose
         commitments it wrote (trainers by their server, servers by the client),
-        never more; an evicted trainer loses its credit. After `finish` (or
-        when the market closes the ledger at the deadline), each participant
-        has earned budget * units / planned_units.
+        never more; an evicted trainer loses its credit. A trainer convicted
+        with a fraud proof (by its server, the client or its referee) is
+        evicted and forfeits its bond, which the market pays to the client.
+        After `finish` (or when the market closes the ledger at the deadline),
+        each participant has earned budget * units / planned_units.
 """
 
 interface Market:
@@ -47,7 +53,9 @@ GRAD: constant(uint8) = 13  # trainer (pipeline, stage): its epoch gradient
 SCORE: constant(uint8) = 14  # validator of `pipeline`: the local model's score
 VERDICTS: constant(uint8) = 15  # aggregator: detection's verdicts
 K_GLOBAL: constant(uint8) = 16  # aggregator: the global model
-LAST_KIND: constant(uint8) = 16
+ROOT: constant(uint8) = 17  # trainer (pipeline, stage): Merkle root of its per-step records (cid: "leaves:N")
+CHECKS: constant(uint8) = 18  # referee of `pipeline` (its validator): the verification of its trainers
+LAST_KIND: constant(uint8) = 18
 
 MAX_ATTEMPTS: public(constant(uint256)) = 8
 MAX_CREDIT_BATCH: constant(uint256) = 1024
@@ -76,6 +84,12 @@ event Evicted:
     epoch: uint256
     reason: String[100]
 
+event Convicted:
+    trainer: indexed(address)
+    epoch: uint256
+    reason: String[100]
+    proof: bytes32
+
 event Finished:
     credited: uint256
 
@@ -93,9 +107,12 @@ closed: public(bool)
 work: public(HashMap[address, uint256])
 credited_for: public(HashMap[address, HashMap[uint256, bool]])  # who -> epoch -> credited
 evicted: public(HashMap[address, bool])
+forfeited: public(HashMap[address, bool])  # convicted with a proof: its bond goes to the client
+proof_of: public(HashMap[address, bytes32])  # the fraud proof a trainer was convicted with
 commitments: public(HashMap[bytes32, Commitment])
 attempts: public(HashMap[uint256, uint256])  # epoch -> attempts started
 global_epochs: public(uint256)
+last_work_block: public(HashMap[uint256, HashMap[uint256, uint256]])  # epoch -> attempt -> block of its last trainer write
 
 
 @deploy
@@ -164,10 +181,10 @@ def _owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attem
         assert epoch == self.global_epochs, "epochs run in order"
         return self._server_at(0)
     assert started > 0 and attempt == started - 1, "not the epoch's current attempt"
-    if kind == WEIGHTS or kind == GRAD:
+    if kind == WEIGHTS or kind == GRAD or kind == ROOT:
         return staticcall Market(self.market).holder(self.task_id, pipeline, stage)
     assert stage == 0, "a pipeline's slot has stage 0"
-    if kind == SCORE:
+    if kind == SCORE or kind == CHECKS:
         return self._server_at((pipeline + 1) % self.splits)
     assert pipeline == 0, "a job's slot has pipeline 0, stage 0"
     return self._server_at(0)  # VERDICTS, K_GLOBAL
@@ -179,9 +196,9 @@ def owner(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attemp
     return self._owner(epoch, kind, pipeline, stage, attempt)
 
 
-@external
-def commit(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256,
-           cid: String[100], digest: bytes32):
+@internal
+def _commit(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256,
+            cid: String[100], digest: bytes32):
     assert not self.finished and not self.closed, "job finished"
     assert not self.evicted[msg.sender], "evicted"
     assert msg.sender == self._owner(epoch, kind, pipeline, stage, attempt), "not this slot's writer"
@@ -193,9 +210,31 @@ def commit(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attem
         self.global_epochs = epoch + 1
     elif kind == ATTEMPT:
         self.attempts[epoch] = attempt + 1
+    elif kind == WEIGHTS or kind == GRAD or kind == ROOT:
+        # Written twice, so that the write costs the same gas whether or not the slot already holds this
+        # block's number: a gas estimate made against the latest block (whose number the slot may hold)
+        # must still be enough in the next block (whose number it does not).
+        self.last_work_block[epoch][attempt] = max_value(uint256)
+        self.last_work_block[epoch][attempt] = block.number
     self.commitments[k] = Commitment(cid=cid, digest=digest, writer=msg.sender)
     log Committed(epoch=epoch, writer=msg.sender, kind=kind, pipeline=pipeline, stage=stage, attempt=attempt,
                   cid=cid, digest=digest)
+
+
+@external
+def commit(epoch: uint256, kind: uint8, pipeline: uint256, stage: uint256, attempt: uint256,
+           cid: String[100], digest: bytes32):
+    self._commit(epoch, kind, pipeline, stage, attempt, cid, digest)
+
+
+@external
+def commitWork(epoch: uint256, pipeline: uint256, stage: uint256, attempt: uint256,
+               weights_cid: String[100], weights_digest: bytes32, grad_cid: String[100], grad_digest: bytes32,
+               root_cid: String[100], root: bytes32):
+    """A trainer's weights, gradient and records' root for (epoch, pipeline, stage, attempt), in one transaction."""
+    self._commit(epoch, WEIGHTS, pipeline, stage, attempt, weights_cid, weights_digest)
+    self._commit(epoch, GRAD, pipeline, stage, attempt, grad_cid, grad_digest)
+    self._commit(epoch, ROOT, pipeline, stage, attempt, root_cid, root)
 
 
 @view
@@ -247,6 +286,28 @@ def evict(trainer: address, epoch: uint256, reason: String[100]):
     self.credited -= self.work[trainer]
     self.work[trainer] = 0
     log Evicted(trainer=trainer, epoch=epoch, reason=reason)
+
+
+@external
+def convict(trainer: address, epoch: uint256, reason: String[100], proof: bytes32):
+    """Eviction with a fraud proof: the trainer also forfeits its bond to the client. A trainer evicted
+    without a proof may still be convicted (its credit is not taken twice); no one is convicted twice."""
+    assert not self.finished and not self.closed, "job finished"
+    assert staticcall Market(self.market).role(self.task_id, trainer) == TRAINER, "not a trainer"
+    server: address = staticcall Market(self.market).server_of(self.task_id, trainer)
+    p: uint256 = staticcall Market(self.market).pipeline_of(self.task_id, trainer)
+    referee: address = self._server_at((p + 1) % self.splits)
+    assert msg.sender == server or msg.sender == self.client or msg.sender == referee, \
+        "only its server, the client or its referee"
+    assert not self.forfeited[trainer], "already convicted"
+    assert epoch < self.epochs, "beyond the job's epochs"
+    if not self.evicted[trainer]:
+        self.evicted[trainer] = True
+        self.credited -= self.work[trainer]
+        self.work[trainer] = 0
+    self.forfeited[trainer] = True
+    self.proof_of[trainer] = proof
+    log Convicted(trainer=trainer, epoch=epoch, reason=reason, proof=proof)
 
 
 @external

@@ -12,13 +12,16 @@
         when its trainer was evicted on the ledger. The money leaves escrow
         only through `settle` (once: the client after finishing the job, or
         anyone after the deadline) and `claim` (each participant's earnings and
-        bond, once), never more than the budget and the bonds it holds.
+        bond, once), never more than the budget and the bonds it holds. A bond
+        is returned at claim unless its depositor was convicted on the ledger
+        (evicted with a fraud proof): then it goes to the client.
 """
 
 interface Ledger:
     def earned(who: address) -> uint256: view
     def finished() -> bool: view
     def evicted(who: address) -> bool: view
+    def forfeited(who: address) -> bool: view
     def credited() -> uint256: view
     def planned_units() -> uint256: view
     def close(): nonpayable
@@ -349,20 +352,30 @@ def settle(task_id: uint256):
 @external
 @nonreentrant
 def claim(task_id: uint256, who: address):
-    """After settlement: `who`'s earnings and its bond, once. Anyone may trigger it."""
+    """After settlement, once: `who`'s earnings and its bond, paid to `who`. A bond its depositor
+    forfeited (convicted on the ledger) is paid to the task's client instead, and `who` gets its
+    earnings only (none, once evicted). Anyone may trigger it."""
     task: Task = self.tasks[task_id]
     assert task.settled, "not settled"
     assert not self.claimed[task_id][who], "already claimed"
     self.claimed[task_id][who] = True
     amount: uint256 = 0
+    forfeit: bool = False
     if task.ledger != empty(address) and self.role[task_id][who] != 0:
         amount = staticcall Ledger(task.ledger).earned(who)
+        forfeit = staticcall Ledger(task.ledger).forfeited(who)
     bond: uint256 = self.bonded[task_id][who]
-    if bond > 0:
-        self.bonded[task_id][who] = 0
+    self.bonded[task_id][who] = 0
+    to_client: uint256 = 0
+    if forfeit:
+        to_client = bond
+    else:
         amount += bond
-    assert amount > 0, "nothing to claim"
-    self._pay(task_id, who, amount)
+    assert amount + to_client > 0, "nothing to claim"
+    if to_client > 0:
+        self._pay(task_id, task.client, to_client)
+    if amount > 0:
+        self._pay(task_id, who, amount)
 
 
 @external

@@ -29,6 +29,8 @@ ETH = 10**18
 BUDGET = 3 * ETH + 7  # not a multiple of the planned units, so rounding is exercised
 BOND = 10**16
 DIGEST = bytes(range(32))
+ROOT_DIGEST = hashlib.sha256(b"per-step records").digest()  # a Merkle root of a trainer's records
+PROOF = hashlib.sha256(b"fraud proof").digest()
 CID = "bafkreiexample"
 HOUR = 3600
 ZERO = "0x" + "00" * 20
@@ -133,6 +135,15 @@ class Job:
             return self.act(contract, self.ledger.address, data)
         return self.ledger.commit(who, slot, cid, DIGEST)
 
+    def commit_work(self, who, epoch: int, p: int, s: int, attempt: int = 0, cid: str = CID):
+        """``who``'s weights, gradient and records' root in one commitWork, signed or through ``execute``."""
+        args = [epoch, p, s, attempt, cid, DIGEST, cid, DIGEST, "leaves:4", ROOT_DIGEST]
+        if isinstance(who, str):
+            contract = next(c for c in self.attackers.values() if c.address == who)
+            return self.act(contract, self.ledger.address, self.ledger.c.encode_abi("commitWork", args))
+        return self.ledger.commit_work(who, epoch, p, s, attempt, (cid, DIGEST), (cid, DIGEST), "leaves:4",
+                                       ROOT_DIGEST)
+
     def holder(self, p: int, s: int) -> str:
         return self.market.holder(self.task_id, p, s)
 
@@ -147,15 +158,20 @@ class Job:
 
     def run_epoch(self, epoch: int, attempt: int = 0, skip=()):
         """The honest commits of one attempt at ``epoch``, then its verdicts and global model.
-        ``skip`` holds (kind, who) pairs that are left out."""
+        ``skip`` holds (kind, who) pairs that are left out. A trainer with all three of its slots to
+        write writes them with one commitWork."""
         agg = self.servers[0]
         if self.ledger.attempts(epoch) <= attempt:
             self.commit(agg, Slot(epoch, Kind.ATTEMPT, attempt=attempt))
         for p in range(self.splits):
             for s in range(self.stages):
                 who = self.by_address(self.holder(p, s))
-                for kind in (Kind.WEIGHTS, Kind.GRAD):
-                    if (kind, who) not in skip and self.ledger.commitment(Slot(epoch, kind, p, s, attempt)) is None:
+                todo = [kind for kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT) if (kind, who) not in skip
+                        and self.ledger.commitment(Slot(epoch, kind, p, s, attempt)) is None]
+                if len(todo) == 3:
+                    self.commit_work(who, epoch, p, s, attempt)
+                else:
+                    for kind in todo:
                         self.commit(who, Slot(epoch, kind, p, s, attempt))
         for p in range(self.splits):
             validator = self.servers[(p + 1) % self.splits]
@@ -176,9 +192,9 @@ def rightful_writer(job: Job, kind: Kind, p: int, s: int) -> str:
         return job.client.address
     if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
         return job.servers[p].address
-    if kind in (Kind.WEIGHTS, Kind.GRAD):
+    if kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):
         return Job.addr(job.trainers[p][s])
-    if kind == Kind.SCORE:
+    if kind in (Kind.SCORE, Kind.CHECKS):  # the validator, pipeline p's referee
         return job.servers[(p + 1) % job.splits].address
     return job.servers[0].address  # ATTEMPT, STAGE, VERDICTS, GLOBAL
 
@@ -545,12 +561,15 @@ def test_every_slot_has_the_one_writer_the_hiring_gives(chain):
     for kind, shapes in ((Kind.STAGE, [(0, s) for s in range(2)]),
                          (Kind.WEIGHTS, [(p, s) for p in range(3) for s in range(2)]),
                          (Kind.GRAD, [(p, s) for p in range(3) for s in range(2)]),
+                         (Kind.ROOT, [(p, s) for p in range(3) for s in range(2)]),
                          (Kind.SCORE, [(p, 0) for p in range(3)]),
+                         (Kind.CHECKS, [(p, 0) for p in range(3)]),
                          (Kind.VERDICTS, [(0, 0)]), (Kind.GLOBAL, [(0, 0)])):
         for p, s in shapes:
             assert L.owner(Slot(0, kind, p, s)) == rightful_writer(job, kind, p, s), (kind, p, s)
     # the ring: pipeline p is scored by the server of p + 1, the last by the first
     assert [L.owner(Slot(0, Kind.SCORE, p)) for p in range(3)] == [job.servers[i].address for i in (1, 2, 0)]
+    assert [L.owner(Slot(0, Kind.CHECKS, p)) for p in range(3)] == [job.servers[i].address for i in (1, 2, 0)]
     assert L.commitment(Slot(0, Kind.SPEC, attempt=0)).writer == c.address
 
 
@@ -591,7 +610,7 @@ def test_set_up_slots_are_the_clients_and_the_servers(chain):
         job.commit(c, Slot(0, Kind.DATA, 2))
     with reverts("no such stage"):
         job.commit(c, Slot(0, Kind.DATA_KEY, 0, 2))
-    for kind in (0, 17, 255):
+    for kind in (0, max(Kind) + 1, 255):
         with reverts("unknown kind"):
             chain.transact(c, job.ledger.c.functions.commit(0, kind, 0, 0, 0, CID, DIGEST))
 
@@ -642,7 +661,7 @@ def test_epoch_slots_have_one_writer_and_come_in_order(chain):
                 job.commit(who, Slot(0, kind))
     # an outsider writes nothing at all
     for kind in Kind:
-        p, s = (1, 1) if kind in (Kind.DATA_KEY, Kind.TRAINER_KEYS, Kind.WEIGHTS, Kind.GRAD) else (0, 0)
+        p, s = (1, 1) if kind in (Kind.DATA_KEY, Kind.TRAINER_KEYS, Kind.WEIGHTS, Kind.GRAD, Kind.ROOT) else (0, 0)
         with reverts("not this slot's writer"):
             job.commit(out, Slot(0, kind, p, s, attempt=1 if kind == Kind.ATTEMPT else 0))
     with reverts("a pipeline's slot has stage 0"):
@@ -690,6 +709,52 @@ def test_epoch_slots_have_one_writer_and_come_in_order(chain):
     with reverts("evicted"):
         job.commit(t[1][1], Slot(1, Kind.GRAD, 1, 1, last))
     assert L.commitment(Slot(1, Kind.GRAD, 1, 1, last)) is None
+
+
+def test_commit_work_writes_weights_gradient_and_root_in_one_transaction(chain):
+    job = Job(chain, stages=1, epochs=1)
+    L, c, (s0, s1), out = job.ledger, job.client, job.servers, job.outsider
+    t0, t1 = job.trainers[0][0], job.trainers[1][0]
+    w, g = ("bafyweights", DIGEST), ("bafygrad", DIGEST[::-1].hex())  # a digest as bytes or as hex
+    with reverts("not the epoch's current attempt"):
+        L.commit_work(t0, 0, 0, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
+    job.commit(s0, Slot(0, Kind.ATTEMPT))
+    assert L.last_work_block(0, 0) == 0
+    for who in (t1, s0, s1, c, out):  # only the stage's holder
+        with reverts("not this slot's writer"):
+            L.commit_work(who, 0, 0, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
+    sent = L.commit_work(t0, 0, 0, 0, 0, w, g, "leaves:90", "0x" + ROOT_DIGEST.hex())
+    events = chain.events(L.c, sent, "Committed")  # one receipt, three slots
+    assert [(ev["kind"], ev["writer"], ev["cid"], ev["digest"]) for ev in events] == [
+        (Kind.WEIGHTS, t0.address, "bafyweights", DIGEST), (Kind.GRAD, t0.address, "bafygrad", DIGEST[::-1]),
+        (Kind.ROOT, t0.address, "leaves:90", ROOT_DIGEST)]
+    got = [L.commitment(Slot(0, kind, 0, 0)) for kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT)]
+    assert [(x.cid, x.digest, x.writer) for x in got] == [
+        ("bafyweights", DIGEST.hex(), t0.address), ("bafygrad", DIGEST[::-1].hex(), t0.address),
+        ("leaves:90", ROOT_DIGEST.hex(), t0.address)]
+    assert L.last_work_block(0, 0) == sent.receipt["blockNumber"]
+    with reverts("already committed"):
+        L.commit_work(t0, 0, 0, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
+    for kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):
+        with reverts("already committed"):
+            job.commit(t0, Slot(0, kind, 0, 0), "again")
+    # all or nothing: t1 wrote its gradient alone, so its commitWork is refused whole
+    sent = job.commit(t1, Slot(0, Kind.GRAD, 1, 0))
+    assert L.last_work_block(0, 0) == sent.receipt["blockNumber"]  # a plain commit of trainer work counts too
+    with reverts("already committed"):
+        L.commit_work(t1, 0, 1, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
+    assert L.commitment(Slot(0, Kind.WEIGHTS, 1, 0)) is None and L.commitment(Slot(0, Kind.ROOT, 1, 0)) is None
+    block = job.commit(t1, Slot(0, Kind.ROOT, 1, 0), "leaves:3").receipt["blockNumber"]
+    assert L.last_work_block(0, 0) == block
+    job.commit(s1, Slot(0, Kind.SCORE, 0))  # the referee's writes do not move it
+    job.commit(s0, Slot(0, Kind.CHECKS, 1))
+    assert L.last_work_block(0, 0) == block and L.last_work_block(0, 1) == 0
+    L.evict(s1, t1.address, 0, "outlier")
+    with reverts("evicted"):
+        L.commit_work(t1, 0, 1, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
+    L.finish(c)
+    with reverts("job finished"):
+        L.commit_work(t0, 0, 0, 0, 0, w, g, "leaves:90", ROOT_DIGEST)
 
 
 def test_credits_follow_ones_own_finished_work_once_per_epoch(chain):
@@ -796,6 +861,54 @@ def test_credits_follow_ones_own_finished_work_once_per_epoch(chain):
         assert chain.balance(who.address) - before == L.earned(who.address) + BOND
     dust = BUDGET - refund - sum(BUDGET * n // planned for who, n in works.items() if who is not t[0][0])
     assert chain.balance(m.address) == m.escrowed == dust
+
+
+def test_a_trainer_is_convicted_with_its_proof_once_by_its_server_the_client_or_its_referee(chain):
+    job = Job(chain, splits=3, stages=1, epochs=1, standbys=1)  # the standby offers to s0
+    L, m, c, out = job.ledger, job.market, job.client, job.outsider
+    (s0, s1, s2), sb = job.servers, job.standbys[0]
+    t0, t1, t2 = (job.trainers[p][0] for p in range(3))  # their referees: s1, s2, s0
+    job.run_epoch(0)
+    for t in (t0, t1, t2):
+        L.credit(job.crediter(t), t.address, [0])
+    assert L.credited == 3
+    for who in (out, s2, t1, sb):  # s2 is neither t0's server (s0) nor its referee (s1)
+        with reverts("only its server, the client or its referee"):
+            L.convict(who, t0.address, 0, "forged records", PROOF)
+    for who in (s0, sb, out):
+        with reverts("not a trainer"):
+            L.convict(c, who.address, 0, "forged records", PROOF)
+    with reverts("beyond the job's epochs"):
+        L.convict(s0, t0.address, 1, "forged records", PROOF)
+    # by its server: evicted, its credit gone, and the proof on the ledger
+    reason = "forged records " + "x" * 200
+    sent = L.convict(s0, t0.address, 0, reason, PROOF)
+    (ev,) = chain.events(L.c, sent, "Convicted")
+    assert (ev["trainer"], ev["epoch"], ev["reason"], ev["proof"]) == (t0.address, 0, reason[:100], PROOF)
+    assert L.evicted(t0.address) and L.forfeited(t0.address) and L.proof_of(t0.address) == PROOF.hex()
+    assert L.work(t0.address) == 0 and L.earned(t0.address) == 0 and L.credited == 2
+    for who in (s0, c, s1):
+        with reverts("already convicted"):
+            L.convict(who, t0.address, 0, "again", PROOF)
+    with reverts("already evicted"):
+        L.evict(c, t0.address, 0, "again")
+    # by its referee, after an eviction without proof: the credit is taken away once
+    L.evict(s1, t1.address, 0, "outlier")
+    assert L.credited == 1 and not L.forfeited(t1.address) and L.proof_of(t1.address) == "00" * 32
+    other = hashlib.sha256(b"another proof").digest()
+    L.convict(s2, t1.address, 0, "bad checks", "0x" + other.hex())
+    assert L.forfeited(t1.address) and L.proof_of(t1.address) == other.hex()
+    assert L.credited == 1 and L.work(t1.address) == 0
+    # by the client
+    L.convict(c, t2.address, 0, "forged records", PROOF)
+    assert L.forfeited(t2.address) and L.credited == 0
+    assert not any(L.forfeited(who.address) for who in (s0, s1, s2, sb, c))
+    # a convicted trainer's slot goes to a standby, like an evicted one's
+    m.replace_trainer(s0, job.task_id, t0.address, sb.address)
+    assert m.holder(job.task_id, 0, 0) == sb.address
+    L.finish(c)
+    with reverts("job finished"):
+        L.convict(s0, sb.address, 0, "late", PROOF)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1001,6 +1114,128 @@ def test_a_contract_that_refuses_payment_is_owed_and_reentry_fails(chain):
     assert m.escrowed == chain.balance(m.address) == BUDGET * 6 // 12 - 6 * (BUDGET // 12)  # rounding dust
 
 
+def test_a_convicted_trainers_bond_goes_to_the_client_and_an_evicted_ones_comes_back(chain):
+    job = Job(chain, stages=2, epochs=1, contracts={(0, 0)})  # the convicted trainer is a contract
+    L, m, task, c, out = job.ledger, job.market, job.task_id, job.client, job.outsider
+    (s0, s1), t = job.servers, job.trainers
+    convicted, evicted, attacker = t[0][0], t[0][1], job.attackers[(0, 0)]
+    job.run_epoch(0)
+    for who in job.everyone():
+        L.credit(job.crediter(who), job.addr(who), [0])
+    L.convict(s1, convicted, 0, "forged records", PROOF)  # by its referee
+    L.evict(s0, evicted.address, 0, "outlier")  # without proof
+    assert L.credited == 4 and L.planned_units == 6
+    L.finish(c)
+    # were it paid, it would claim its bond again from inside the payment; it is paid nothing
+    chain.transact(out, attacker.functions.arm(2, m.c.encode_abi("claim", [task, convicted])))
+    client_before = chain.balance(c.address)
+    sent = m.settle(c, task)
+    refund = BUDGET - BUDGET * 4 // 6
+    assert chain.balance(c.address) == client_before + refund - fee(sent)
+    for who in (c, out):
+        with reverts("already settled"):
+            m.settle(who, task)
+    # the convicted trainer's claim: the bond to the client, nothing to the trainer
+    client_before = chain.balance(c.address)
+    sent = m.claim(out, task, convicted)
+    (ev,) = chain.events(m.c, sent, "Paid")
+    assert (ev["who"], ev["amount"], ev["pushed"]) == (c.address, BOND, True)
+    assert chain.balance(c.address) == client_before + BOND
+    assert chain.balance(convicted) == 0 and m.bonded(task, convicted) == 0 and m.claimed(task, convicted)
+    assert attacker.functions.blocked().call() == 0 == attacker.functions.reentered().call()
+    unit = BUDGET // 6
+    paid = {evicted.address: BOND, **{job.addr(w): unit + BOND for w in (s0, s1, t[1][0], t[1][1])}}
+    for who, amount in paid.items():  # evicted without proof: its bond back; honest: earnings and bond
+        before = chain.balance(who)
+        m.claim(out, task, who)
+        assert chain.balance(who) == before + amount
+    assert chain.balance(c.address) == client_before + BOND  # claims by the outsider cost the client nothing
+    for who in [convicted, *paid]:
+        with reverts("already claimed"):
+            m.claim(out, task, who)
+    for who in (c.address, out.address):
+        with reverts("nothing to claim"):
+            m.claim(out, task, who)
+    assert refund + BOND + sum(paid.values()) == BUDGET + 6 * BOND  # 4/6 of this budget splits without dust
+    assert m.escrowed == chain.balance(m.address) == 0
+
+
+def test_a_client_contract_paid_a_forfeited_bond_cannot_reenter(chain):
+    out, s0, s1, t0, t1 = funded(chain, 5, ETH // 10)
+    chain.fund(out.address, BUDGET)
+    m = MarketClient.deploy(chain, out)
+    art = compile_contract("Attacker", HELPERS)
+    client = chain.contract(art, chain.deploy(out, art, m.address)[0])
+
+    def as_client(target: str, fn: str, args: list, value: int = 0):
+        data = (m.c if target == m.address else L.c).encode_abi(fn, args)
+        return chain.transact(out, client.functions.execute(target, data), value=value)
+
+    def arm(mode: int, fn: str = "", args=()):
+        chain.transact(out, client.functions.arm(mode, m.c.encode_abi(fn, list(args)) if fn else b""))
+
+    salt = os.urandom(32)
+    as_client(m.address, "publishTask", [salt, "digits", 10**9, 2, 2, 1, 1, chain.timestamp() + HOUR, BOND,
+                                         pubkey(client.address)], value=BUDGET)
+    task = m.find_task(client.address, salt)
+    for s in (s0, s1):
+        m.register(s, task, 2 * 10**9, 4, pubkey(s), BOND)
+    as_client(m.address, "hireServers", [task, [s0.address, s1.address]])
+    for s, t in ((s0, t0), (s1, t1)):
+        m.post_trainer_hiring(s, task, 1, 10**9)
+        m.offer_trainer(t, task, s.address, 2 * 10**9, 2, pubkey(t), BOND)
+        m.hire_trainers(s, task, [t.address], [0])
+    as_client(m.address, "openLedger", [task])
+    L = m.ledger_of(task)
+    L.commit(s0, Slot(0, Kind.ATTEMPT), CID, DIGEST)
+    for p, t in enumerate((t0, t1)):
+        L.commit_work(t, 0, p, 0, 0, (CID, DIGEST), (CID, DIGEST), "leaves:1", ROOT_DIGEST)
+    L.commit(s1, Slot(0, Kind.SCORE, 0), CID, DIGEST)
+    L.commit(s0, Slot(0, Kind.SCORE, 1), CID, DIGEST)
+    L.commit(s0, Slot(0, Kind.VERDICTS), CID, DIGEST)
+    L.commit(s0, Slot(0, Kind.GLOBAL), CID, DIGEST)
+    for s, t in ((s0, t0), (s1, t1)):
+        L.credit(s, t.address, [0])
+        as_client(L.address, "credit", [s.address, [0]])
+    L.convict(s1, t0.address, 0, "forged records", PROOF)  # each by its referee
+    L.convict(s0, t1.address, 0, "forged records", PROOF)
+    assert L.credited == 2
+    as_client(L.address, "finish", [])
+    # the refund: claiming for a server from inside the payment fails, the refund arrives once
+    arm(2, "claim", [task, s0.address])
+    as_client(m.address, "settle", [task])
+    refund = BUDGET - BUDGET * 2 // 4
+    assert chain.balance(client.address) == refund and not m.claimed(task, s0.address)
+    # a forfeited bond pushed to it: settling again from inside fails, the bond arrives once
+    trainers_before = [chain.balance(t.address) for t in (t0, t1)]
+    arm(2, "settle", [task])
+    m.claim(out, task, t0.address)
+    assert chain.balance(client.address) == refund + BOND
+    assert client.functions.blocked().call() == 2 and client.functions.reentered().call() == 0
+    # a forfeited bond it refuses is owed to it, and withdrawn once
+    arm(1)
+    sent = m.claim(out, task, t1.address)
+    (ev,) = chain.events(m.c, sent, "Paid")
+    assert (ev["who"], ev["amount"], ev["pushed"]) == (client.address, BOND, False)
+    assert m.owed(client.address) == BOND and chain.balance(client.address) == refund + BOND
+    arm(2, "withdraw")
+    as_client(m.address, "withdraw", [])
+    assert client.functions.blocked().call() == 3 and client.functions.reentered().call() == 0
+    assert chain.balance(client.address) == refund + 2 * BOND and m.owed(client.address) == 0
+    assert [chain.balance(t.address) for t in (t0, t1)] == trainers_before  # convicted: nothing for them
+    unit = BUDGET // 4
+    for s in (s0, s1):
+        before = chain.balance(s.address)
+        m.claim(out, task, s.address)
+        assert chain.balance(s.address) == before + unit + BOND
+    for who in (t0, t1, s0, s1):
+        with reverts("already claimed"):
+            m.claim(out, task, who.address)
+    dust = BUDGET * 2 // 4 - 2 * unit
+    assert refund + 2 * BOND + 2 * (unit + BOND) == BUDGET + 4 * BOND - dust
+    assert m.escrowed == chain.balance(m.address) == dust
+
+
 def test_a_relay_submits_what_a_participant_signed(chain):
     job = Job(chain, stages=1)
     job.commit(job.servers[0], Slot(0, Kind.ATTEMPT))
@@ -1042,6 +1277,7 @@ class Model:
     work: dict[str, int] = field(default_factory=dict)
     credited_for: set = field(default_factory=set)
     evicted: set = field(default_factory=set)
+    forfeited: set = field(default_factory=set)  # convicted with a proof: the bond goes to the client
     finished: bool = False
     closed: bool = False
     settled: bool = False
@@ -1072,21 +1308,21 @@ class Model:
 
     def writer(self, kind: int, p: int, s: int) -> str | None:
         """The one account the rules let write a slot of this kind at (p, s), whatever its epoch."""
-        if not (p < self.splits and s < self.stages and 1 <= kind <= 16):
+        if not (p < self.splits and s < self.stages and 1 <= kind <= max(Kind)):
             return None
         if kind < Kind.PLAN:
             return self.client
         if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
             return self.servers[p]
-        if kind in (Kind.WEIGHTS, Kind.GRAD):
+        if kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):
             return self.holder[(p, s)]
-        if kind == Kind.SCORE:
+        if kind in (Kind.SCORE, Kind.CHECKS):
             return self.servers[(p + 1) % self.splits]
         return self.servers[0]
 
     def shape(self, e, k, p, s, a) -> str | None:
         """Why slot (e, k, p, s, a) cannot be written now, if it cannot."""
-        if not 1 <= k <= 16:
+        if not 1 <= k <= max(Kind):
             return "unknown kind"
         if p >= self.splits:
             return "no such pipeline"
@@ -1119,11 +1355,11 @@ class Model:
             return "epochs run in order" if e != self.global_epochs else None
         if not (started > 0 and a == started - 1):
             return "not the epoch's current attempt"
-        if k in (Kind.WEIGHTS, Kind.GRAD):
+        if k in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):
             return None
         if s:
             return "a pipeline's slot has stage 0"
-        if k != Kind.SCORE and p:
+        if k not in (Kind.SCORE, Kind.CHECKS) and p:
             return "a job's slot has pipeline 0, stage 0"
         return None
 
@@ -1195,6 +1431,23 @@ class Model:
         self.work[trainer] = 0
         return None
 
+    def convict(self, by, trainer, epoch) -> str | None:
+        if self.finished or self.closed:
+            return "job finished"
+        if self.role.get(trainer) != TRAINER:
+            return "not a trainer"
+        referee = self.servers[(self.place[trainer][0] + 1) % self.splits]
+        if by not in (self.server_of[trainer], self.client, referee):
+            return "only its server, the client or its referee"
+        if trainer in self.forfeited:
+            return "already convicted"
+        if epoch >= self.epochs:
+            return "beyond the job's epochs"
+        self.evicted.add(trainer)
+        self.forfeited.add(trainer)
+        self.work[trainer] = 0
+        return None
+
     def finish(self, by) -> str | None:
         if by != self.client:
             return "only the client"
@@ -1229,12 +1482,18 @@ class Model:
             return "not settled"
         if who in self.claimed:
             return "already claimed"
-        amount = (self.earned(who) if self.role.get(who) else 0) + self.bonded.get(who, 0)
-        if amount == 0:
+        bond = self.bonded.get(who, 0)
+        forfeit = bool(self.role.get(who)) and who in self.forfeited
+        amount = (self.earned(who) if self.role.get(who) else 0) + (0 if forfeit else bond)
+        to_client = bond if forfeit else 0
+        if amount + to_client == 0:
             return "nothing to claim"
         self.claimed.add(who)
         self.bonded[who] = 0
-        self.pay(who, amount)
+        if to_client:
+            self.pay(self.client, to_client)
+        if amount:
+            self.pay(who, amount)
         return None
 
     def withdraw_offer(self, who) -> str | None:
@@ -1284,13 +1543,13 @@ class Model:
 # Most of a sequence is the job's work: an honest run's next commits most often, any slot by anyone,
 # credits, evictions, replacements, a participant that leaves out its commitment; its last part is
 # mostly the end: finishing, settling, the deadline passing, claims (twice too), withdrawals.
-WORK = ["honest"] * 10 + ["commit"] * 5 + ["credit"] * 6 + ["evict"] * 2 + ["replace"] * 2 + ["lazy"] * 3 + [
-    "claim", "withdraw_offer", "end"]
-LATE = ["honest"] * 2 + ["commit"] * 2 + ["credit"] * 3 + ["evict"] * 2 + ["replace", "withdraw", "withdraw_offer"] + \
-    ["claim"] * 6 + ["end"] * 4
-KINDS = [*range(1, 17), 0, 17]  # every kind, and two that do not exist
+WORK = ["honest"] * 10 + ["commit"] * 5 + ["credit"] * 6 + ["evict"] * 2 + ["convict"] + ["replace"] * 2 + \
+    ["lazy"] * 3 + ["claim", "withdraw_offer", "end"]
+LATE = ["honest"] * 2 + ["commit"] * 2 + ["credit"] * 3 + ["evict"] * 2 + ["convict"] + \
+    ["replace", "withdraw", "withdraw_offer"] + ["claim"] * 6 + ["end"] * 4
+KINDS = [*range(1, max(Kind) + 1), 0, max(Kind) + 1]  # every kind, and two that do not exist
 JOB_SLOTS = {Kind.SPEC, Kind.CLIENT_KEYS, Kind.EVAL, Kind.INIT, Kind.ATTEMPT, Kind.STAGE, Kind.VERDICTS, Kind.GLOBAL}
-STAGE_SLOTS = {Kind.DATA_KEY, Kind.TRAINER_KEYS, Kind.STAGE, Kind.WEIGHTS, Kind.GRAD}
+STAGE_SLOTS = {Kind.DATA_KEY, Kind.TRAINER_KEYS, Kind.STAGE, Kind.WEIGHTS, Kind.GRAD, Kind.ROOT}
 
 
 SPLITS, STAGES, EPOCHS, STANDBYS = 2, 2, 2, 2  # the property's job; standbys offer to servers 0 and 1
@@ -1337,7 +1596,9 @@ def _property_example(chain: Chain, accounts: list, data) -> None:
         if sent is not None:
             (ev,) = chain.events(L.c, sent, "Committed")
             assert ev["writer"] == who == writer
-        if 1 <= k <= 16:  # no slot is ever written by anyone but its one writer
+            if k in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):
+                assert L.last_work_block(e, a) == sent.receipt["blockNumber"]
+        if 1 <= k <= max(Kind):  # no slot is ever written by anyone but its one writer
             got = L.commitment(Slot(e, Kind(k), p, s, a))
             expect = model.commitments.get(slot)
             assert (got.writer if got else None) == expect
@@ -1399,6 +1660,17 @@ def _property_example(chain: Chain, accounts: list, data) -> None:
             trainer = data.draw(st.sampled_from([*model.holder.values(), standbys[0], job.servers[1].address]))
             by = actor(data.draw(st.sampled_from([model.server_of.get(trainer, client.address), client.address])))
             send(by, model.evict(by, trainer, model.global_epochs), lambda x: L.evict(x, trainer, model.global_epochs, "outlier"))
+        elif action == "convict":
+            trainer = data.draw(st.sampled_from([*model.holder.values(), standbys[0], job.servers[1].address]))
+            rightful = [model.server_of.get(trainer, client.address), client.address]
+            if trainer in model.place:  # its referee
+                rightful.append(servers[(model.place[trainer][0] + 1) % splits])
+            by = actor(data.draw(st.sampled_from(rightful)))
+            proof = hashlib.sha256(trainer.encode()).digest()
+            sent = send(by, model.convict(by, trainer, model.global_epochs),
+                        lambda x: L.convict(x, trainer, model.global_epochs, "forged records", proof))
+            if sent is not None:
+                assert L.evicted(trainer) and L.forfeited(trainer) and L.proof_of(trainer) == proof.hex()
         elif action == "replace":
             old = data.draw(st.sampled_from(sorted(model.evicted) or [*model.holder.values()]))
             by = actor(model.server_of.get(old, client.address))
@@ -1465,11 +1737,13 @@ def _property_example(chain: Chain, accounts: list, data) -> None:
         assert chain.balance(who) == start[who] - spent[who] + model.received.get(who, 0)
     credited = model.credited
     assert L.credited == credited <= model.planned
-    assert model.received.get(client.address, 0) == budget - budget * credited // model.planned
+    forfeited = len(model.forfeited) * BOND  # every convicted trainer's bond went to the client
+    assert model.received.get(client.address, 0) == budget - budget * credited // model.planned + forfeited
     assert outsider.address not in model.received
     for who in people:
+        assert L.forfeited(who) == (who in model.forfeited)
         if who not in (client.address, outsider.address):  # every depositor: its earnings and its bond
-            assert model.received[who] == model.earned(who) + BOND
+            assert model.received.get(who, 0) == model.earned(who) + (0 if who in model.forfeited else BOND)
     total = sum(model.received.values())
     assert total == model.paid_out <= model.deposits
     dust = budget * credited // model.planned - sum(model.earned(w) for w in people)

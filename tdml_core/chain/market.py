@@ -41,6 +41,8 @@ class Kind(IntEnum):
     SCORE = 14  # the validator of the pipeline (server of pipeline + 1)
     VERDICTS = 15  # aggregator
     GLOBAL = 16  # aggregator
+    ROOT = 17  # the trainer holding (pipeline, stage): Merkle root of its per-step records (cid "leaves:N")
+    CHECKS = 18  # the referee of the pipeline (its validator, server of pipeline + 1): its trainers' verification
 
     @property
     def label(self) -> str:
@@ -86,11 +88,25 @@ class LedgerClient:
     def commit(self, writer: LocalAccount, slot: Slot, cid: str, digest) -> Sent:
         return self.chain.transact(writer, self.c.functions.commit(*slot.args, cid, _digest32(digest)))
 
+    def commit_work(self, trainer: LocalAccount, epoch: int, pipeline: int, stage: int, attempt: int,
+                    weights: tuple[str, bytes | str], grad: tuple[str, bytes | str], root_cid: str,
+                    root: bytes | str) -> Sent:
+        """The trainer's WEIGHTS, GRAD and ROOT slots of (epoch, pipeline, stage, attempt) in one transaction."""
+        (w_cid, w_digest), (g_cid, g_digest) = weights, grad
+        call = self.c.functions.commitWork(epoch, pipeline, stage, attempt, w_cid, _digest32(w_digest), g_cid,
+                                           _digest32(g_digest), root_cid, _digest32(root))
+        return self.chain.transact(trainer, call)
+
     def credit(self, by: LocalAccount, who: str, epochs: list[int]) -> Sent:
         return self.chain.transact(by, self.c.functions.credit(who, list(epochs)))
 
     def evict(self, by: LocalAccount, trainer: str, epoch: int, reason: str) -> Sent:
         return self.chain.transact(by, self.c.functions.evict(trainer, epoch, reason.encode()[:100].decode(errors="ignore")))
+
+    def convict(self, by: LocalAccount, trainer: str, epoch: int, reason: str, proof) -> Sent:
+        """Evict ``trainer`` with a fraud proof (32 bytes, hex or raw): it also forfeits its bond to the client."""
+        reason = reason.encode()[:100].decode(errors="ignore")
+        return self.chain.transact(by, self.c.functions.convict(trainer, epoch, reason, _digest32(proof)))
 
     def finish(self, client: LocalAccount) -> Sent:
         return self.chain.transact(client, self.c.functions.finish())
@@ -116,6 +132,17 @@ class LedgerClient:
 
     def evicted(self, who: str) -> bool:
         return self.c.functions.evicted(who).call()
+
+    def forfeited(self, who: str) -> bool:
+        return self.c.functions.forfeited(who).call()
+
+    def proof_of(self, who: str) -> str:
+        """The proof ``who`` was convicted with, as hex (64 zeros when it was not)."""
+        return bytes(self.c.functions.proof_of(who).call()).hex()
+
+    def last_work_block(self, epoch: int, attempt: int) -> int:
+        """The block of the last WEIGHTS, GRAD or ROOT write of (epoch, attempt); 0 before any."""
+        return self.c.functions.last_work_block(epoch, attempt).call()
 
     def attempts(self, epoch: int) -> int:
         return self.c.functions.attempts(epoch).call()
