@@ -86,7 +86,8 @@ class EpochProgress:
             self.console.print(f"detection: {note}")
             self.said_few = True
         flagged = [v["slot"] for v in rec.get("verdicts", []) if v["flagged"] and not v["malicious"]]
-        evicted = [v["slot"] for v in rec.get("verdicts", []) if v["malicious"]]
+        evicted = [v["slot"] for v in rec.get("verdicts", []) if v["malicious"] and not v.get("proven")]
+        convicted = [v["slot"] for v in rec.get("verdicts", []) if v.get("proven")]
         self.console.print(
             f"epoch {rec['epoch'] + 1}: global accuracy {rec['global_accuracy']:.4f}  "
             f"loss {rec['global_loss']:.4f}  ({rec['wall_s']:.1f} s)" + (f"  local {local}" if local else "")
@@ -94,6 +95,7 @@ class EpochProgress:
                else "")
             + (f"  flagged {' '.join(flagged)}" if flagged else "")
             + (f"  evicted {' '.join(evicted)}" if evicted else "")
+            + (f"  convicted {' '.join(convicted)} (fraud proof, bond forfeited)" if convicted else "")
             + "".join(f"  {r['slot']} replaced by a standby" if r.get("replacement")
                       else f"  pipeline {r['slot'].split('/')[0]} dropped (no standby)" for r in rec.get("replaced", []))
         )

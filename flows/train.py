@@ -6,9 +6,13 @@
     4. key exchange            each participant is sealed only the keys it needs
     5. shard model             plans, data shards, the eval set, the initial model and stage inputs sealed
     per epoch:
-    6. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; trainers commit digests
+    6. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; each trainer commits
+                               its weights, epoch gradient and the Merkle root of its records in one transaction
     7. cross-validate          the next server round the ring scores each local model, commits the score
-    8. detect                  score stage, then the update stage per layer; verdicts, evictions on the ledger
+       verify work             the same server draws each trainer's steps from a later block's hash, the
+                               trainers reveal them into the store, the server re-runs them, commits the findings
+    8. detect                  fraud proofs, score stage, update stage per layer; verdicts, evictions and
+                               convictions (the bond is forfeited) on the ledger
        replace evicted         the evicted trainer's server hires a standby and seals it the keys
     9. aggregate               the spec's rule (top-K average by default) over the unflagged local models
     10. reward                 credit each epoch's verified work, finish, settle, everyone claims its pay
@@ -30,7 +34,7 @@ from prefect.artifacts import create_image_artifact, create_markdown_artifact, c
 from flows.pipeline_epoch import dispatch
 from tasks.protocol import (
     aggregate, cross_validate, detect, hire_parameter_servers, hire_trainers, key_exchange, open_run, publish_task,
-    replace_evicted, reward, shard_model, start_epoch,
+    replace_evicted, reward, shard_model, start_epoch, verify_work,
 )
 from tdml_core.config import load_spec
 from tdml_core.protocol.job import Job, forget_job, remember_job
@@ -187,6 +191,9 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
             futures = {p: cross_validate.submit(job, p, epoch, attempt) for p in pipelines}
             scores = [futures[p].result() if p in futures else None for p in range(spec.data_parallel)]
             times["cross-validate"], t = time.perf_counter() - t, time.perf_counter()
+            futures = {p: verify_work.submit(job, p, epoch, attempt) for p in pipelines}
+            checks = {p: f.result() for p, f in futures.items()}
+            times["verify work"], t = time.perf_counter() - t, time.perf_counter()
             verdicts = detect(job, epoch, attempt, scores)
             times["detect"], t = time.perf_counter() - t, time.perf_counter()
             replaced = replace_evicted(job, verdicts)
@@ -194,7 +201,7 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
             result = aggregate(job, epoch, attempt, scores, verdicts)
             times["aggregate"] = time.perf_counter() - t
             t = time.perf_counter()
-            record = _record(job, epoch, attempt, trained, scores, verdicts, result, times, replaced)
+            record = _record(job, epoch, attempt, trained, scores, verdicts, result, times, replaced, checks)
             log.epoch(record)
             log.verdicts(verdicts)
             times["report"] = time.perf_counter() - t  # lands in summary.json with the next write
@@ -208,8 +215,22 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
         forget_job(job.ref.out_dir)
 
 
+def _checked(checks: dict) -> list[dict]:
+    """Per trainer: how many of its steps were re-run, whether one failed, and the first failure."""
+    out = []
+    for p, doc in sorted((checks or {}).items()):
+        if doc is None or "skipped" in doc:
+            continue
+        for t in doc["trainers"]:
+            bad = next((f for f in t["findings"] if not f["ok"]), None)
+            out.append({"slot": t["slot"], "steps": len(t["steps"]), "failed": t["failed"],
+                        "max_diff": max((f["max_diff"] for f in t["findings"] if f["ok"]), default=0.0),
+                        "failure": None if bad is None else {k: bad[k] for k in ("step", "what", "detail")}})
+    return out
+
+
 def _record(job: Job, epoch: int, attempt: int, trained: dict, scores: list, verdicts: dict, result: dict,
-            times: dict, replaced: list | None = None) -> dict:
+            times: dict, replaced: list | None = None, checks: dict | None = None) -> dict:
     n = job.spec.data_parallel
     return {
         "epoch": epoch,
@@ -227,6 +248,7 @@ def _record(job: Job, epoch: int, attempt: int, trained: dict, scores: list, ver
         "aggregation": result["rule"],
         "detection": verdicts.get("stage2", ""),
         "verdicts": [{k: v for k, v in d.items() if k != "evidence"} for d in verdicts["verdicts"]],
+        "checked": _checked(checks),
         "replaced": replaced or [],
         "restarted": [slot for tr in trained.values() for slot in tr.get("restarted", [])],  # trainers started afresh
         "failures": [f for tr in trained.values() for f in tr.get("failures", [])],

@@ -51,6 +51,11 @@ def cross_validate(job, pipeline: int, epoch: int, attempt: int) -> dict:
     return steps.cross_validate(job, pipeline, epoch, attempt)
 
 
+@step("verify work")
+def verify_work(job, pipeline: int, epoch: int, attempt: int) -> dict | None:
+    return steps.verify_work(job, pipeline, epoch, attempt)
+
+
 @step("detect")
 def detect(job, epoch: int, attempt: int, scores: list[dict]) -> dict:
     return steps.detect(job, epoch, attempt, scores)

@@ -113,7 +113,13 @@ def epoch_table(record: dict) -> list[dict]:
             "flagged": lc["flagged"],
             "selected": lc["selected"],
             "verdicts": "; ".join(
-                f"{v['slot']} {v['trainer'][:10]}… {'MALICIOUS' if v['malicious'] else 'ok'}" for v in verdicts
+                f"{v['slot']} {v['trainer'][:10]}… "
+                f"{'FRAUD PROOF' if v.get('proven') else 'MALICIOUS' if v['malicious'] else 'ok'}" for v in verdicts
+            ),
+            "checks": "; ".join(
+                f"{c['slot']} {c['steps']} steps " + (f"FAILED step {c['failure']['step']} ({c['failure']['what']})"
+                                                     if c["failed"] else "passed")
+                for c in record.get("checked", []) if c["slot"].split("/")[0] == str(p)
             ),
         })
     return rows

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tdml_core.chain.market import Kind
 from tdml_core.protocol.audit import AuditFailure, audit
 from tdml_core.protocol.job import JobRef
 
@@ -382,70 +383,91 @@ def test_a_run_killed_after_each_money_moving_transaction_resumes_to_one_correct
     _quiet_audit(out)
 
 
-ATTACKED = {"data_parallel": 3, "stages": 1, "epochs": 4, "top_k": 2, "dataset": {"name": "digits", "limit": 600},
-            "attacks": [{"slot": "1/0", "kind": "sign_flip", "from_epoch": 1}], "protocol": {"standby_trainers": 2},
-            "detection": {"evict_after": 2, "window": 3}}  # evicted on its second flag: the replacement trains once
+BOND = 10**16
+FORGED = {"epochs": 3, "attacks": [{"slot": "0/0", "kind": "forged_output", "from_epoch": 1}],
+          "protocol": {"standby_trainers": 1, "bond_wei": BOND}}  # the spec of finished_run, and one forger
 
 
 @pytest.fixture(scope="module")
-def attacked_run(tmp_path_factory) -> Path:
-    """3 pipelines x 1 stage; trainer 1/0 flips the sign of its update from epoch 1, inside its own process."""
-    tmp = tmp_path_factory.mktemp("attacked")
+def forged_run(tmp_path_factory) -> Path:
+    """2 pipelines x 2 stages; trainer 0/0 sends made-up activations downstream from epoch 1, inside its own process."""
+    tmp = tmp_path_factory.mktemp("forged")
     out = tmp / "run"
-    done = tdml("run", _spec(tmp, **ATTACKED), "--out", out)
+    done = tdml("run", _spec(tmp, **FORGED), "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp / "stdout.txt").write_text(done.stdout)
     return out
 
 
-def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re_derives_it(attacked_run):
+def test_a_forging_trainer_is_convicted_by_its_fraud_proof_forfeits_its_bond_and_is_replaced(forged_run, finished_run):
     from tdml_core.protocol.audit import Auditor
     from tdml_core.protocol.rewards import payout, planned_units
 
-    data = json.loads((attacked_run / "summary.json").read_text())
+    data = json.loads((forged_run / "summary.json").read_text())
     by_epoch = {e["epoch"]: {v["slot"]: v for v in e["verdicts"]} for e in data["epochs"]}
-    attacker = by_epoch[0]["1/0"]["trainer"]
-    assert not any(v["flagged"] for v in by_epoch[0].values())  # honest until epoch 1
-    assert by_epoch[1]["1/0"]["flagged"] and not by_epoch[1]["1/0"]["malicious"]  # flagged once: not yet evicted
-    assert by_epoch[2]["1/0"]["malicious"] and by_epoch[2]["1/0"]["trainer"] == attacker
-    honest = [v for e in by_epoch.values() for s, v in e.items() if v["trainer"] != attacker]
-    assert honest and not any(v["flagged"] for v in honest)  # no false accusation
-    (swap,) = data["epochs"][2]["replaced"]
-    assert swap["slot"] == "1/0" and swap["evicted"] == attacker and swap["replacement"]
-    assert by_epoch[3]["1/0"]["trainer"] == swap["replacement"] and not by_epoch[3]["1/0"]["flagged"]
-    assert data["evicted"] == ["1/0"]
-    said = {line.split(":")[0]: line for line in (attacked_run.parent / "stdout.txt").read_text().splitlines()
-            if line.startswith("epoch ")}  # what the user saw, epoch by epoch
-    assert "flagged 1/0" in said["epoch 2"] and "evicted 1/0  1/0 replaced by a standby" in said["epoch 3"]
-    assert "flagged" not in said["epoch 1"] + said["epoch 4"]
-    # the picture of the detector's view (also the run's Prefect image artifact): only epochs that flagged someone
-    assert [(attacked_run / f"verdicts-epoch-{e + 1}.png").is_file() for e in range(4)] == [False, True, True, False]
-    assert (attacked_run / "verdicts-epoch-2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # the flagged epochs of pipeline 1 stayed out of the global model; the last one is in again
-    assert [e["local"][1]["flagged"] for e in data["epochs"]] == [False, True, True, False]
+    checked = {e["epoch"]: {c["slot"]: c for c in e["checked"]} for e in data["epochs"]}
+    forger, neighbour = by_epoch[0]["0/0"]["trainer"], by_epoch[0]["0/1"]["trainer"]
+    assert not any(c["failed"] for c in checked[0].values()) and len(checked[0]) == 4  # honest until epoch 1
+    assert all(c["max_diff"] < 1e-4 for e in checked.values() for c in e.values() if not c["failed"])
+    # caught in the epoch it starts, on what it sent: the receiver of the forged activations is not blamed
+    assert checked[1]["0/0"]["failed"] and checked[1]["0/0"]["failure"]["what"] == "outputs"
+    assert [s for s, c in checked[1].items() if c["failed"]] == ["0/0"]
+    v = by_epoch[1]["0/0"]
+    assert v["proven"] and v["malicious"] and v["trainer"] == forger and v["reason"].startswith("fraud proof")
+    assert not by_epoch[1]["0/1"]["flagged"] and not by_epoch[1]["0/1"]["malicious"]
+    assert not any(v["malicious"] or v["flagged"] for e in by_epoch.values() for s, v in e.items()
+                   if v["trainer"] != forger)  # no honest trainer is ever accused
+    (swap,) = data["epochs"][1]["replaced"]
+    assert swap["slot"] == "0/0" and swap["evicted"] == forger and swap["replacement"]
+    assert by_epoch[2]["0/0"]["trainer"] == swap["replacement"] and not checked[2]["0/0"]["failed"]
+    assert [e["local"][0]["selected"] for e in data["epochs"]] == [True, False, True]  # out of epoch 1's average
+    said = [line for line in (forged_run.parent / "stdout.txt").read_text().splitlines() if line.startswith("epoch 2:")]
+    assert "convicted 0/0 (fraud proof, bond forfeited)" in said[0] and "0/0 replaced by a standby" in said[0]
+    clean = json.loads((finished_run / "summary.json").read_text())  # the same spec without the forger
+    assert abs(data["final_accuracy"] - clean["final_accuracy"]) <= 0.01, (data["final_accuracy"],
+                                                                          clean["final_accuracy"])
 
-    lines = _quiet_audit(attacked_run)  # raises on the first mismatch
-    assert any(line.startswith("ok") and "epoch 1: " in line and "(1 flagged)" in line for line in lines)
-    job = Auditor(attacked_run, say=lambda _: None).job
-    assert job.ledger.evicted(attacker) and job.ledger.earned(attacker) == 0
-    assert job.trainer_address(1, 0) == swap["replacement"]
-    one = payout(10**18, 1, planned_units(4, 3, 1))
-    assert data["rewards"][attacker] == 0
-    assert data["rewards"][swap["replacement"]] == job.ledger.earned(swap["replacement"]) == one  # epoch 3
-    assert data["rewards"][by_epoch[0]["0/0"]["trainer"]] == payout(10**18, 4, planned_units(4, 3, 1))
+    lines = _quiet_audit(forged_run)  # re-draws and re-runs every challenge; raises on the first mismatch
+    assert any(line.startswith("ok") and "epoch 1: " in line and "(1 fraud proofs)" in line for line in lines)
+    assert any("1 forfeited to the client" in line for line in lines)
+    job = Auditor(forged_run, say=lambda _: None).job
+    assert job.ledger.forfeited(forger) and job.ledger.evicted(forger) and job.ledger.earned(forger) == 0
+    assert job.ledger.proof_of(forger) == job.must(1, Kind.CHECKS, 0).digest  # the evidence it was convicted on
+    paid = {}
+    for ev in job.chain.logs(job.market.c, "Paid", job.ref.ledger_block):
+        paid[ev["who"]] = paid.get(ev["who"], 0) + ev["amount"]
+    planned = planned_units(3, 2, 2)
+    assert forger not in paid  # neither pay nor its bond
+    assert paid[neighbour] == payout(BUDGET, 3, planned) + BOND  # the receiver of the forgery: every epoch
+    assert paid[swap["replacement"]] == payout(BUDGET, 1, planned) + BOND
+    assert paid[job.people.client.address] == BUDGET - sum(data["rewards"].values()) + BOND  # refund + the bond
 
 
-def test_a_verdict_altered_by_the_aggregator_fails_the_audit_naming_it(attacked_run, tmp_path):
-    """The aggregating server commits verdicts that clear the attacker at epoch 1: the audit re-derives and says so."""
-    from tdml_core.chain.market import Kind
+def _accuse(doc: dict, slot: str) -> dict:
+    (t,) = [t for t in doc["trainers"] if t["slot"] == slot]
+    t["failed"] = True
+    t["findings"][0].update(ok=False, what="outputs", detail="the activations sent are not what its inputs give")
+    return doc
 
-    def clear(doc):
-        (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/0"]
-        v["flagged"], v["reason"] = False, "clean"
+
+def test_checks_that_accuse_an_honest_trainer_fail_the_audit_naming_it(forged_run, tmp_path):
+    """The referee of pipeline 1 commits evidence against its honest trainer 1/0: re-running it, the audit says so."""
+    run = _copy(forged_run, tmp_path)
+    _recommit_doc(run, Kind.CHECKS, 2, 1, lambda d: _accuse(d, "1/0"))
+
+    with pytest.raises(AuditFailure, match=r"epoch 2: the checks accuse trainer 1/0 .* the evidence does not support it"):
+        _quiet_audit(run)
+
+
+def test_a_verdict_against_an_honest_trainer_fails_the_audit_naming_it(forged_run, tmp_path):
+    """The aggregating server commits a fraud-proof verdict on honest trainer 1/1: the audit re-derives and says so."""
+    def convict(doc):
+        (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/1"]
+        v.update(flagged=True, malicious=True, proven=True, reason="fraud proof")
         return doc
 
-    run = _copy(attacked_run, tmp_path)
-    _recommit_doc(run, Kind.VERDICTS, 1, 0, clear)
+    run = _copy(forged_run, tmp_path)
+    _recommit_doc(run, Kind.VERDICTS, 2, 0, convict)
 
-    with pytest.raises(AuditFailure, match=r"epoch 1: the verdict on trainer 1/0 is .*'flagged': False"):
+    with pytest.raises(AuditFailure, match=r"epoch 2: the verdict on trainer 1/1 is .*'proven': True"):
         _quiet_audit(run)

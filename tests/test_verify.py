@@ -58,7 +58,14 @@ def test_relative_difference():
     assert relative_diff(torch.tensor([1, 2]), torch.tensor([1, 2])) == 0.0
 
 
-def _run_and_judge(spec, epochs=1, checks=None):
+def _stored(reveals: dict) -> dict:
+    """Each reveal as a trainer puts it into the store and its referee reads it back."""
+    from tdml_core.verify.records import reveal_bytes, reveal_from_bytes
+
+    return {slot: reveal_from_bytes(reveal_bytes(r)) for slot, r in reveals.items()}
+
+
+def _run_and_judge(spec, epochs=1, checks=None, stored=False):
     ds, model = load_job(spec)
     plan = make_plan(spec, model, ds)
     ref = Referee(spec, plan, ds)
@@ -69,7 +76,8 @@ def _run_and_judge(spec, epochs=1, checks=None):
             out = cluster.train_epoch(epoch, state)
             records = slot_records(out, cluster.pipeline_ids)
             steps = ref.challenges(os.urandom(32), records)
-            verdicts.append(ref.judge(epoch, records, steps, cluster.reveal(steps)))
+            reveals = cluster.reveal(steps)
+            verdicts.append(ref.judge(epoch, records, steps, _stored(reveals) if stored else reveals))
     return verdicts
 
 
@@ -78,7 +86,7 @@ def test_forged_messages_are_pinned_on_their_sender_and_not_on_the_receiver():
                        "dataset": {"name": "digits", "limit": 512}, "verification": {"checks": 3},
                        "attacks": [{"slot": "0/0", "kind": "forged_output"},
                                    {"slot": "1/1", "kind": "forged_grad"}]})
-    (verdicts,) = _run_and_judge(spec)
+    (verdicts,) = _run_and_judge(spec, stored=True)  # through the store's byte format, as the protocol reads them
     assert {slot for slot, v in verdicts.items() if v.failed} == {(0, 0), (1, 1)}
     assert verdicts[(0, 0)].first_failure.what == "outputs"
     assert verdicts[(1, 1)].first_failure.what == "grads_out"
@@ -97,3 +105,24 @@ def test_honest_trainers_of_a_three_stage_residual_model_pass_under_1f1b():
         for v in verdicts.values():
             assert not v.failed, v.as_doc()
             assert all(f.segment[1] - f.segment[0] in (1, 2, 3) for f in v.findings)
+
+
+def test_a_fraud_proof_convicts_the_forger_and_clears_its_pipeline_neighbour():
+    from tdml_core.verify import proofs
+
+    def verdict(slot, flagged=False, malicious=False):
+        return {"slot": slot, "trainer": slot, "flagged": flagged, "malicious": malicious, "reason": "clean"}
+
+    doc = {"flagged": [True, False], "verdicts": [verdict("0/0"), verdict("0/1", True, True), verdict("1/0"),
+                                                  verdict("1/1", True, False)]}
+    failed = {"step": 7, "ok": False, "what": "outputs", "detail": "the activations sent differ", "max_diff": 2.5}
+    checks = {0: {"trainers": [{"slot": "0/0", "findings": [{"step": 3, "ok": True}, failed]},
+                               {"slot": "0/1", "findings": [{"step": 3, "ok": True}]}]},
+              1: {"trainers": [{"slot": "1/0", "findings": [{"step": 1, "ok": True}]}]}}
+    out = {v["slot"]: v for v in proofs.apply(doc, checks)["verdicts"]}
+    assert out["0/0"]["proven"] and out["0/0"]["malicious"] and "step 7" in out["0/0"]["reason"]
+    assert "outputs" in out["0/0"]["reason"] and "2.5" in out["0/0"]["reason"]
+    assert not out["0/1"]["malicious"] and not out["0/1"]["flagged"] and "not held against it" in out["0/1"]["reason"]
+    assert out["1/1"]["flagged"] and "proven" not in out["1/1"]  # another pipeline's statistics stand
+    assert doc["flagged"] == [True, False]
+    assert proofs.failures(None) == {} and proofs.failures(checks[1]) == {}

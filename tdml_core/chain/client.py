@@ -62,14 +62,58 @@ def _reason(exc: Exception) -> str:
     return str(msg)
 
 
+def _genesis_time(journal: str | Path | None) -> int | None:
+    """The genesis timestamp a journal's first entry recorded (None: a new journal, or one written without it)."""
+    if journal is None or not Path(journal).is_file():
+        return None
+    with Path(journal).open() as f:
+        first = f.readline()
+    try:
+        return json.loads(first).get("genesis") if first.strip() else None
+    except ValueError:
+        return None  # the replay names the damaged line
+
+
+def _replayable_backend(genesis_time: int | None = None):
+    """eth-tester's py-evm chain with each block's ``prevrandao`` derived from its parent's hash.
+
+    eth-tester draws it from ``os.urandom``, so a block hash would differ when a
+    journal is re-executed; TDML seeds its challenges with a block hash, and the
+    audit must reach the same one. The genesis block's time comes from the
+    journal too (its first entry records it). (A trainer still cannot know the hash before
+    it commits: it covers the block's transactions and state.)
+    """
+    import hashlib
+
+    from eth_tester.backends.pyevm import main as pyevm
+    from eth_tester.backends.pyevm.main import PyEVMBackend
+
+    class ReplayableBackend(PyEVMBackend):
+        def mine_blocks(self, num_blocks=1, coinbase=pyevm.ZERO_ADDRESS):  # eth-tester's, but for the mix hash
+            hashes = []
+            for _ in range(num_blocks):
+                kwargs = {"coinbase": coinbase}
+                vm = self.chain.get_vm()
+                if isinstance(vm, pyevm.ParisVM):
+                    kwargs["mix_hash"] = hashlib.sha256(b"tdml prevrandao" + bytes(self.chain.header.parent_hash)).digest()
+                if isinstance(vm, pyevm.PragueVM):
+                    kwargs["blob_gas_used"] = sum(pyevm.get_total_blob_gas(tx) for tx in self.chain.get_block().transactions)
+                hashes.append(self.chain.mine_block(**kwargs).hash)
+            return tuple(hashes)
+
+    params = None if genesis_time is None else PyEVMBackend.generate_genesis_params({"timestamp": genesis_time})
+    return ReplayableBackend(genesis_parameters=params)
+
+
 class Chain:
     def __init__(self, url: str = "embedded", journal: str | Path | None = None):
         self.url = url
         self.journal: Path | None = None
         if url == "embedded":
+            from eth_tester import EthereumTester
             from web3 import EthereumTesterProvider
 
-            provider = EthereumTesterProvider()
+            provider = EthereumTesterProvider(EthereumTester(backend=_replayable_backend(_genesis_time(journal))))
             self.w3 = Web3(provider)
             self.faucet = Account.from_key(provider.ethereum_tester.backend.account_keys[0])
         elif url.startswith(("http://", "https://")):
@@ -117,6 +161,8 @@ class Chain:
         self.journal.parent.mkdir(parents=True, exist_ok=True)
         ts = self.w3.eth.get_block(receipt["blockNumber"])["timestamp"]
         entry = {"hash": receipt["transactionHash"].hex(), "status": receipt["status"], "ts": ts, "raw": raw.hex()}
+        if not self.journal.exists() or self.journal.stat().st_size == 0:  # the first entry: the genesis time too
+            entry["genesis"] = self.w3.eth.get_block(0)["timestamp"]
         with self.journal.open("a") as f:  # one line per mined transaction, flushed at once
             f.write(json.dumps(entry) + "\n")
 

@@ -4,7 +4,9 @@ The auditor holds the client's key (to open the job's keys) and nothing the
 run computed: it re-executes the chain (embedded runs), reads every commitment
 of the job's ledger, checks that each was signed by its slot's rightful writer,
 fetches every committed id and checks its bytes and digest, loads every local
-model, re-scores them on the committed eval set, re-applies detection and the
+model, re-scores them on the committed eval set, re-draws every trainer's
+challenged steps from the block hash after its commitments and re-runs them on
+what it revealed (an accusation the evidence does not support fails), re-applies detection and the
 top-K rule to rebuild each global model, recounts the work the contract paid
 for, and re-derives the figures of ``summary.json``. The first mismatch stops
 the audit with a message naming it.
@@ -32,7 +34,7 @@ from tdml_core.storage import StoreError
 
 LOG_CHUNK = 5000  # blocks per event query
 SEALED_TO_ONE = {Kind.CLIENT_KEYS, Kind.SERVER_KEYS, Kind.DATA_KEY, Kind.TRAINER_KEYS}  # envelope digest committed
-DOCS = {Kind.SPEC, Kind.PLAN, Kind.SCORE, Kind.VERDICTS}
+DOCS = {Kind.SPEC, Kind.PLAN, Kind.SCORE, Kind.CHECKS, Kind.VERDICTS}
 AGGREGATOR_KINDS = {Kind.ATTEMPT, Kind.STAGE, Kind.VERDICTS, Kind.GLOBAL}
 
 
@@ -117,14 +119,14 @@ class Auditor:
         """Who may write ``slot``; None when ``writer`` is the trainer the market hired for it."""
         m, task_id, n = self.job.market, self.job.job_id, self.task["splits"]
         kind = slot.kind
-        if kind in (Kind.WEIGHTS, Kind.GRAD):  # a replacement holds the slot after an eviction
+        if kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):  # a replacement holds the slot after an eviction
             if (m.role(task_id, writer) == TRAINER and m.pipeline_of(task_id, writer) == slot.pipeline
                     and m.stage_of(task_id, writer) == slot.stage):
                 return None
             return m.holder(task_id, slot.pipeline, slot.stage)
         if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
             return m.server_at(task_id, slot.pipeline)
-        if kind == Kind.SCORE:
+        if kind in (Kind.SCORE, Kind.CHECKS):  # the validator of a pipeline is also its trainers' referee
             return m.server_at(task_id, validator_of(slot.pipeline, n))
         if kind in AGGREGATOR_KINDS:
             return m.server_at(task_id, 0)
@@ -235,6 +237,8 @@ class Auditor:
         if epochs != spec.epochs:
             self.fail(f"the ledger has {epochs} global models; the spec asks for {spec.epochs} epochs")
         keys = stage_keys(job)
+        self.convicted: dict[str, tuple[int, str]] = {}
+        self.checked = 0
         previous = self._got(Slot(0, Kind.INIT))
         self.derived: list[dict] = []
         for e in range(epochs):
@@ -265,6 +269,7 @@ class Auditor:
                     self.fail(f"epoch {e} pipeline {p}: committed score accuracy {doc['accuracy']:.6f} "
                               f"loss {doc['loss']:.6f}, re-evaluated accuracy {acc:.6f} loss {loss:.6f}")
                 scores.append(doc)
+                self.check_work(e, a, p)
             committed = self._got(Slot(e, Kind.VERDICTS, attempt=a))
             expect = judge(job, e, a, scores)
             if committed.get("flagged") != expect["flagged"]:
@@ -273,17 +278,23 @@ class Auditor:
             have = {v["slot"]: v for v in committed.get("verdicts", [])}
             for v in expect["verdicts"]:
                 c = have.get(v["slot"])
-                fields = ("trainer", "flagged", "malicious")
-                if c is None or any(c.get(k) != v[k] for k in fields):
-                    got_v = None if c is None else {k: c.get(k) for k in fields}
+                fields = ("trainer", "flagged", "malicious", "proven")
+                def seen(d):
+                    return {k: (bool(d.get(k)) if k == "proven" else d.get(k)) for k in fields}
+
+                if c is None or seen(c) != seen(v):
+                    got_v = None if c is None else seen(c)
                     self.fail(f"epoch {e}: the verdict on trainer {v['slot']} is {got_v}; re-derived from the "
-                              f"committed updates it is {{'trainer': {v['trainer']!r}, 'flagged': {v['flagged']}, "
-                              f"'malicious': {v['malicious']}}}")
+                              f"committed updates and checks it is {seen(v)}")
             if len(have) != len(expect["verdicts"]):
                 self.fail(f"epoch {e}: {len(have)} verdicts committed, {len(expect['verdicts'])} re-derived")
             for v in expect["verdicts"]:
                 if v["malicious"] and not job.ledger.evicted(v["trainer"]):
                     self.fail(f"epoch {e}: trainer {v['slot']} was judged malicious but not evicted on the ledger")
+                if v.get("proven") and not job.ledger.forfeited(v["trainer"]):
+                    self.fail(f"epoch {e}: trainer {v['slot']} failed a check but was not convicted on the ledger")
+                if v.get("proven"):
+                    self.convicted[v["trainer"]] = (e, v["slot"])
             start = {}
             for s in range(job.n_stages):
                 start.update(self._got(Slot(e, Kind.STAGE, 0, s)))
@@ -302,8 +313,57 @@ class Auditor:
             previous = got
             accs = ", ".join("dropped" if d is None else f"{d['accuracy']:.4f}" for d in scores)
             n_flag = sum(v["flagged"] for v in expect["verdicts"])
+            n_proven = sum(bool(v.get("proven")) for v in expect["verdicts"])
             self.ok(f"epoch {e}: {sum(sc is not None for sc in scores)} local models load, scores reproduce ({accs}), "
-                    f"{len(expect['verdicts'])} verdicts re-derived ({n_flag} flagged), global = {rule} of {chosen}")
+                    + (f"{self.checked} challenged steps re-run ({n_proven} fraud proofs), " if spec.verification.enabled
+                       else "")
+                    + f"{len(expect['verdicts'])} verdicts re-derived ({n_flag} flagged), global = {rule} of {chosen}")
+            self.checked = 0
+
+    def check_work(self, e: int, a: int, p: int) -> None:
+        """Re-draw pipeline ``p``'s challenges of epoch ``e`` and re-run them on what its trainers revealed."""
+        from tdml_core.protocol.steps import check_trainers
+
+        job, spec = self.job, self.job.spec
+        slot = Slot(e, Kind.CHECKS, p, 0, a)
+        if not spec.verification.enabled:
+            return
+        doc = self._got(slot)
+        if "skipped" in doc:
+            if spec.protocol.pipeline_pool is None:
+                self.fail(f"epoch {e} pipeline {p}: its referee skipped the checks ({doc['skipped']}), "
+                          f"but the run used no work pool")
+            return
+        block = job.ledger.last_work_block(e, a) + 1
+        seed = bytes(job.chain.w3.eth.get_block(block)["hash"]).hex()
+        if doc.get("seed_block") != block or doc.get("seed") != seed:
+            self.fail(f"epoch {e} pipeline {p}: the checks were drawn from block {doc.get('seed_block')} "
+                      f"({doc.get('seed')}); the first block after the last commitment is {block} ({seed})")
+        reveals = {tuple(int(x) for x in t["slot"].split("/")): t["reveal"] or {"error": "no answer"}
+                   for t in doc["trainers"]}
+        redo = {t["slot"]: t for t in check_trainers(job, p, e, a, block, bytes.fromhex(seed), reveals)}
+        have = {t["slot"]: t for t in doc["trainers"]}
+        if set(have) != set(redo):
+            self.fail(f"epoch {e} pipeline {p}: the checks cover trainers {sorted(have)}, not {sorted(redo)}")
+        for name, want in redo.items():
+            got = have[name]
+            if got["steps"] != want["steps"]:
+                self.fail(f"epoch {e}: trainer {name}'s checked steps {got['steps']} are not the ones the seed "
+                          f"draws {want['steps']}")
+            outcome = [(f["step"], f["ok"], f["what"]) for f in want["findings"]]
+            claimed = [(f["step"], f["ok"], f["what"]) for f in got["findings"]]
+            if claimed != outcome or got["failed"] != want["failed"]:
+                bad = next((f for f in want["findings"] if not f["ok"]), None)
+                said = next((f for f in got["findings"] if not f["ok"]), None)
+                if got["failed"] and not want["failed"]:
+                    self.fail(f"epoch {e}: the checks accuse trainer {name} (step {said['step']}: {said['what']}), "
+                              f"but re-running its revealed steps they all pass: the evidence does not support it")
+                if want["failed"] and not got["failed"]:
+                    self.fail(f"epoch {e}: the checks clear trainer {name}, but re-running its revealed steps, "
+                              f"step {bad['step']} fails ({bad['what']}: {bad['detail']})")
+                self.fail(f"epoch {e}: trainer {name}'s committed findings {claimed} are not what re-running "
+                          f"its revealed steps gives {outcome}")
+            self.checked += len(want["steps"])
 
     def check_rewards(self) -> None:
         from tdml_core.protocol.steps import work_done
@@ -314,6 +374,9 @@ class Auditor:
         done = work_done(job, self.servers, self.holders)
         planned = planned_units(spec.epochs, spec.data_parallel, job.n_stages)
         budget, client, bond = task["budget"], task["client"], task["bond"]
+        for address in list(done):
+            if job.ledger.forfeited(address) and address not in self.convicted:
+                self.fail(f"{address} was convicted on the ledger, but no committed check of its work failed")
         paid: dict[str, int] = {}
         last = job.chain.w3.eth.block_number
         for lo in range(task["ledger_block"], last + 1, LOG_CHUNK):
@@ -328,15 +391,19 @@ class Auditor:
             if any(not job.ledger.credited_for(address, e) for e in epochs):
                 self.fail(f"{address} was not credited for the epochs of its verified work {epochs}")
             self.rewards[address] = payout(budget, len(epochs), planned)
-            if paid.get(address, 0) != self.rewards[address] + bond:
+            kept = 0 if address in self.convicted else bond  # a convicted trainer's bond goes to the client
+            if paid.get(address, 0) != self.rewards[address] + kept:
                 self.fail(f"{address} was paid {paid.get(address, 0)} wei; the rule gives "
-                          f"{self.rewards[address]} and its bond {bond}")
+                          f"{self.rewards[address]} and {'no bond (convicted)' if address in self.convicted else f'its bond {bond}'}")
         credited = sum(len(e) for e in done.values())
         self.refund = refund(budget, credited, planned)
-        if paid.get(client, 0) != self.refund:
-            self.fail(f"the client was refunded {paid.get(client, 0)} wei; the rule gives {self.refund}")
+        forfeits = bond * len(self.convicted)
+        if paid.get(client, 0) != self.refund + forfeits:
+            self.fail(f"the client was paid {paid.get(client, 0)} wei; the rule gives its refund {self.refund}"
+                      + (f" and {len(self.convicted)} forfeited bonds of {bond}" if self.convicted else ""))
         self.ok(f"rewards: {len(done)} participants paid budget x units / {planned} as the contract's rule gives; "
-                f"bonds returned; refund {self.refund} wei")
+                f"bonds returned" + (f", {len(self.convicted)} forfeited to the client" if self.convicted else "")
+                + f"; refund {self.refund} wei")
 
     def check_summary(self) -> None:
         """summary.json's figures, each re-derived from the ledger and the store."""

@@ -8,12 +8,16 @@ label, so holding a derived key tells nothing of the root or of other labels.
     model          model   initial model, plans, scores, verdicts,   client, servers
                            global models
     stage/S        model   stage S's slice of each global model       client, servers, the trainers of stage S
-    weights/P/S    model   trainer (P, S)'s weights and gradient      client, servers, trainer (P, S)
-    data/P         data    pipeline P's shard                         client, the trainers of pipeline P
+    weights/P/S    model   trainer (P, S)'s weights and gradient,    client, servers, trainer (P, S)
+                           and its answers to challenges
+    data/P         data    pipeline P's shard                         client, the trainers of pipeline P,
+                                                                      P's referee (the server of P + 1)
     eval           data    the set that scores local models           client, servers
 
 The client seals both roots to itself (to resume and audit), the model root
-and the eval key to every server, each trainer's data key to that trainer, and
+and the eval key to every server (and to each the data key of the pipeline
+whose trainers' work it re-checks: their first stage's inputs and last stage's
+targets are that shard's batches), each trainer's data key to that trainer, and
 each server seals ``spec``, ``stage/S`` and ``weights/P/S`` to trainer (P, S).
 """
 
@@ -44,7 +48,7 @@ def label_for(kind: Kind, pipeline: int = 0, stage: int = 0) -> str:
         return f"stage/{stage}"
     if kind in (Kind.WEIGHTS, Kind.GRAD):
         return f"weights/{pipeline}/{stage}"
-    if kind in (Kind.INIT, Kind.PLAN, Kind.SCORE, Kind.VERDICTS, Kind.GLOBAL):
+    if kind in (Kind.INIT, Kind.PLAN, Kind.SCORE, Kind.CHECKS, Kind.VERDICTS, Kind.GLOBAL):
         return "model"
     raise ValueError(f"{kind.label} is sealed to one participant, not with a job key")
 
@@ -52,6 +56,11 @@ def label_for(kind: Kind, pipeline: int = 0, stage: int = 0) -> str:
 def role_of(kind: Kind, pipeline: int = 0, stage: int = 0) -> str:
     """The associated data an artifact is sealed under: its kind and slot ('weights/0/1')."""
     return f"{kind.label}/{pipeline}/{stage}"
+
+
+def reveal_role(pipeline: int, stage: int) -> str:
+    """The associated data of trainer (pipeline, stage)'s answer to a challenge (sealed with its weights' key)."""
+    return f"reveal/{pipeline}/{stage}"
 
 
 def _root_of(label: str) -> str:
@@ -83,8 +92,12 @@ class JobKeys:
     def for_client(self) -> dict[str, bytes]:
         return {MODEL_ROOT: self.held[MODEL_ROOT], DATA_ROOT: self.held[DATA_ROOT]}
 
-    def for_server(self) -> dict[str, bytes]:
-        return {MODEL_ROOT: self.get(MODEL_ROOT), "eval": self.get("eval")}
+    def for_server(self, refereed: int | None = None) -> dict[str, bytes]:
+        """What the client seals to a server; ``refereed``: the pipeline whose trainers' work it re-checks."""
+        out = {MODEL_ROOT: self.get(MODEL_ROOT), "eval": self.get("eval")}
+        if refereed is not None:
+            out[f"data/{refereed}"] = self.get(f"data/{refereed}")
+        return out
 
     def for_trainer_data(self, pipeline: int) -> dict[str, bytes]:
         """What the client seals to each trainer of ``pipeline``."""

@@ -24,10 +24,15 @@ def trainer_earns(epoch_verdicts: dict, pipeline: int, stage: int, committed: bo
 
     A trainer earns the epoch when it committed its work, its own verdict is clean,
     and its pipeline's score was not flagged (the score cannot say who of the
-    pipeline is to blame); a pipeline left out because a co-trainer's update was
-    flagged does not cost the others their pay.
+    pipeline is to blame, unless a co-trainer's fraud proof says it); a pipeline
+    left out because a co-trainer's update was flagged or its work failed a check
+    does not cost the others their pay.
     """
-    if not committed or epoch_verdicts.get("score_flagged", epoch_verdicts["flagged"])[pipeline]:
+    if not committed:
+        return False
+    mine = [v for v in epoch_verdicts["verdicts"] if v["slot"].split("/")[0] == str(pipeline)]
+    proven = any(v.get("proven") for v in mine)  # a fraud proof says who of the pipeline is to blame
+    if not proven and epoch_verdicts.get("score_flagged", epoch_verdicts["flagged"])[pipeline]:
         return False
     slot = f"{pipeline}/{stage}"
     return not any(v["malicious"] or v.get("flagged") for v in epoch_verdicts["verdicts"] if v["slot"] == slot)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from tdml_core.protocol.rewards import refund, trainer_earns, validator_of
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.context import load_job, make_plan
 
+_TRACE_LOCK = threading.Lock()
 SERVER_MEMORY = 16 * 2**30  # what a local parameter server offers on the market
 TRAINER_MEMORY = 8 * 2**30  # a local trainer's offer when the spec names no memory
 
@@ -95,7 +97,8 @@ def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str
         if have is not None and have.digest.removeprefix("0x") != digest(doc_bytes(_spec_doc(spec))):
             raise ProtocolError(f"this spec is not the one job {job.job_id} was published with")
     for who in job.people.everyone:
-        _fund(job, who.address, GAS_FUNDS_WEI + (spec.protocol.budget_wei if who is job.people.client else 0))
+        _fund(job, who.address, GAS_FUNDS_WEI + (spec.protocol.budget_wei if who is job.people.client
+                                                 else spec.protocol.bond_wei))
     job.save_ref()
     return job
 
@@ -234,7 +237,8 @@ def exchange_keys(job: Job) -> None:
         _seal_to(job, client, client.address, Slot(0, Kind.CLIENT_KEYS), "client-keys", job.keys.for_client())
     keys = job.keys  # opened from the ledger when this step runs again
     for p, server in enumerate(job.people.servers):
-        _seal_to(job, client, server.address, Slot(0, Kind.SERVER_KEYS, p), "server-keys", keys.for_server())
+        refereed = (p - 1) % job.spec.data_parallel  # the pipeline it validates and whose trainers it re-checks
+        _seal_to(job, client, server.address, Slot(0, Kind.SERVER_KEYS, p), "server-keys", keys.for_server(refereed))
         for s in range(job.n_stages):
             seal_trainer(job, p, s)
     if job.commitment(0, Kind.SPEC) is None:
@@ -332,13 +336,24 @@ def train_pipeline(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
         raise
     t2 = time.perf_counter()
     for s, st in enumerate(stats):
-        trainer = job.people.trainers[(pipeline, s)]
-        for kind in (Kind.WEIGHTS, Kind.GRAD):
-            ref = st[kind.name.lower()]
-            job.commit_once(trainer, Slot(epoch, kind, pipeline, s, attempt), ref["cid"], ref["digest"])
+        commit_work(job, pipeline, s, epoch, attempt, st)
     return {"pipeline": pipeline, "train_loss": stats[-1]["train_loss"], "batches": stats[-1]["batches"],
             "restarted": restarted, "failures": job.failures.pop(pipeline, []) if restarted else [],
             "startup_s": t1 - t0, "train_s": t2 - t1, "commit_s": time.perf_counter() - t2}
+
+
+UNRECORDED = "00" * 32  # the root a trainer commits when the spec turns verification off
+
+
+def commit_work(job: Job, pipeline: int, stage: int, epoch: int, attempt: int, stats: dict) -> None:
+    """The trainer's one transaction of the epoch: its weights, its epoch gradient and its records' Merkle root."""
+    if job.commitment(epoch, Kind.WEIGHTS, pipeline, stage, attempt) is not None:
+        return  # a retried step: committed before it failed
+    trainer = job.people.trainers[(pipeline, stage)]
+    w, g = stats["weights"], stats["grad"]
+    root = (stats.get("record") or {}).get("root", UNRECORDED)
+    job.ledger.commit_work(trainer.account, epoch, pipeline, stage, attempt, (w["cid"], w["digest"]),
+                           (g["cid"], g["digest"]), "", root)
 
 
 def local_model(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
@@ -371,6 +386,146 @@ def cross_validate(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
     cid, dig = job.put_doc(Kind.SCORE, doc, pipeline)
     job.commit_once(validator, Slot(epoch, Kind.SCORE, pipeline, 0, attempt), cid, dig)
     return doc
+
+
+# -- 7b. verify work ----------------------------------------------------------------------------
+def challenge_seed(job: Job, epoch: int, attempt: int) -> tuple[int, bytes]:
+    """The hash of the first block after the epoch's last work commitment: nobody knew it when committing."""
+    block = job.ledger.last_work_block(epoch, attempt) + 1
+    chain = job.chain
+    deadline = time.monotonic() + 120
+    while chain.w3.eth.block_number < block:
+        if chain.url == "embedded":  # blocks are mined by transactions only: one that moves nothing
+            chain.fund(chain.faucet.address, 0)
+        elif time.monotonic() > deadline:
+            raise ProtocolError(f"the chain mined no block after {block - 1} in 120 s: the challenges cannot be drawn")
+        else:
+            time.sleep(0.5)
+    return block, bytes(chain.w3.eth.get_block(block)["hash"])
+
+
+def referee_of(job: Job, pipeline: int):
+    """The verifier that the referee of ``pipeline`` (the server of pipeline + 1) runs: its own stage modules."""
+    from tdml_core.model.split import quiet_trace_warnings
+    from tdml_core.verify.referee import Referee
+
+    refs = job.__dict__.setdefault("_referees", {})
+    with _TRACE_LOCK:  # torch.export traces one model at a time in a process
+        if "_split" not in job.__dict__:
+            quiet_trace_warnings()
+            x, _, _ = job.eval_set()
+            job._split = split_model(job.new_model(), job.plan, x[: job.spec.microbatch_size].clone())
+    if pipeline not in refs:
+        import copy
+
+        modules = copy.deepcopy(job._split)
+
+        def shard_of(p: int):
+            doc = job.get_state(job.must(0, Kind.DATA, p), Kind.DATA, p)
+            return doc["x"], doc["y"]
+
+        refs[pipeline] = Referee(job.spec, job.plan, modules=modules, shard_of=shard_of)
+    return refs[pipeline]
+
+
+def open_reveal(job: Job, pipeline: int, stage: int, ref: dict) -> dict:
+    """A trainer's answer to its challenge, fetched by id and checked against its digest."""
+    from tdml_core.artifacts import open_sealed
+    from tdml_core.protocol.keys import reveal_role
+    from tdml_core.verify.records import reveal_from_bytes
+
+    key = job.keys.for_kind(Kind.WEIGHTS, pipeline, stage)
+    raw = open_sealed(key, bytes(job.store.get(ref["cid"])), job.job_id, reveal_role(pipeline, stage), ref["cid"],
+                      ref["digest"])
+    return reveal_from_bytes(raw)
+
+
+def check_trainers(job: Job, pipeline: int, epoch: int, attempt: int, block: int, seed: bytes,
+                   reveals: dict[tuple[int, int], dict]) -> list[dict]:
+    """Draw each trainer's steps from ``seed``, open what it revealed, re-run them: one entry per trainer.
+
+    ``reveals[slot]`` is the id and digest of its answer ({"cid", "digest"}), or {"error": why} when it gave
+    none. The detect step and the audit both call this, on the same committed inputs.
+    """
+    ref = referee_of(job, pipeline)
+    records, who = {}, {}
+    for s in range(job.n_stages):
+        root = job.must(epoch, Kind.ROOT, pipeline, s, attempt)
+        records[(pipeline, s)] = {"root": root.digest, "leaves": ref.n_leaves(pipeline, epoch)}
+        who[(pipeline, s)] = root.writer
+    steps = ref.challenges(seed, records, who)
+    opened, out = {}, []
+    for slot in steps:
+        answer = reveals.get(slot) or {"error": "no answer"}
+        if "cid" in answer:
+            try:
+                opened[slot] = open_reveal(job, *slot, answer)
+            except Exception as exc:  # a damaged or forged answer is a failed reveal, not a crash
+                answer = {**answer, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    found = ref.judge(epoch, records, steps, opened)
+    for slot, verdict in found.items():
+        answer = reveals.get(slot) or {"error": "no answer"}
+        findings = [f.as_doc() for f in verdict.findings]
+        if slot not in opened:
+            why = answer.get("error", "no answer")
+            findings = [{**f, "detail": f"no answer to the challenge ({why})"} for f in findings]
+        out.append({"slot": f"{slot[0]}/{slot[1]}", "trainer": who[slot], "root": records[slot]["root"],
+                    "leaves": records[slot]["leaves"], "steps": verdict.steps,
+                    "reveal": {k: answer[k] for k in ("cid", "digest") if k in answer} or None,
+                    "failed": verdict.failed, "findings": findings})
+    return out
+
+
+def verify_work(job: Job, pipeline: int, epoch: int, attempt: int) -> dict | None:
+    """The referee of ``pipeline`` challenges its trainers, re-runs what they reveal and commits the findings."""
+    from tdml_core.protocol.trainers import running_cluster
+    from tdml_core.runtime.cluster import StageFailure
+
+    spec = job.spec
+    if not spec.verification.enabled:
+        return None
+    have = job.commitment(epoch, Kind.CHECKS, pipeline, 0, attempt)
+    if have is not None:
+        return job.get_doc(have, Kind.CHECKS, pipeline)
+    referee = job.people.servers[validator_of(pipeline, spec.data_parallel)]
+    doc = {"epoch": epoch, "attempt": attempt, "pipeline": pipeline, "referee": referee.address}
+    cluster = running_cluster(job, pipeline)
+    if spec.protocol.pipeline_pool is not None and cluster is None:
+        doc["skipped"] = "the pipeline trained on a work pool, whose stage processes close after the epoch"
+    else:
+        t0 = time.perf_counter()
+        block, seed = challenge_seed(job, epoch, attempt)
+        ref = referee_of(job, pipeline)
+        records = {(pipeline, s): {"leaves": ref.n_leaves(pipeline, epoch)} for s in range(job.n_stages)}
+        who = {(pipeline, s): job.must(epoch, Kind.ROOT, pipeline, s, attempt).writer for s in range(job.n_stages)}
+        steps = ref.challenges(seed, records, who)
+        reveals: dict = {}
+        if cluster is None:
+            reveals = {slot: {"error": "its stage process is not running"} for slot in steps}
+        else:
+            try:
+                reveals = cluster.reveal(steps, epoch)
+            except StageFailure as exc:  # the failing trainer gave no answer; the others were not asked to finish
+                from tdml_core.protocol.trainers import drop_trainers
+
+                reveals = {(exc.pipeline, exc.stage): {"error": str(exc).splitlines()[0][:200]}}
+                drop_trainers(job, pipeline)
+        t1 = time.perf_counter()
+        doc.update(seed_block=block, seed=seed.hex(),
+                   trainers=check_trainers(job, pipeline, epoch, attempt, block, seed, reveals),
+                   reveal_s=t1 - t0, recompute_s=time.perf_counter() - t1)
+    cid, dig = job.put_doc(Kind.CHECKS, doc, pipeline)
+    job.commit_once(referee, Slot(epoch, Kind.CHECKS, pipeline, 0, attempt), cid, dig)
+    return doc
+
+
+def epoch_checks(job: Job, epoch: int, attempt: int, pipelines: list[int]) -> dict[int, dict | None]:
+    """The committed checks document of each pipeline (None where none was committed)."""
+    out = {}
+    for p in pipelines:
+        c = job.commitment(epoch, Kind.CHECKS, p, 0, attempt)
+        out[p] = None if c is None else job.get_doc(c, Kind.CHECKS, p)
+    return out
 
 
 # -- 8. detect ----------------------------------------------------------------------------
@@ -423,6 +578,9 @@ def judge(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dict
     doc = judge_epoch([None if sc is None else sc["accuracy"] for sc in scores], updates, grads, writers,
                       flag_history(job, epoch), n_stages=job.n_stages, tolerance=job.spec.protocol.score_tolerance,
                       detection=job.spec.detection, fresh=fresh)
+    from tdml_core.verify import proofs
+
+    doc = proofs.apply(doc, epoch_checks(job, epoch, attempt, active))
     return {"epoch": epoch, "attempt": attempt, **doc}
 
 
@@ -435,9 +593,14 @@ def detect(job: Job, epoch: int, attempt: int, scores: list[dict | None]) -> dic
         doc = judge(job, epoch, attempt, scores)
         cid, dig = job.put_doc(Kind.VERDICTS, doc)
         job.commit_once(job.people.servers[0], Slot(epoch, Kind.VERDICTS, attempt=attempt), cid, dig)
+    n = job.spec.data_parallel
     for v in doc["verdicts"]:
-        if v["malicious"] and not job.ledger.evicted(v["trainer"]):
-            p = int(v["slot"].split("/")[0])
+        p = int(v["slot"].split("/")[0])
+        if v.get("proven") and not job.ledger.forfeited(v["trainer"]):  # the referee convicts on its proof
+            proof = job.must(epoch, Kind.CHECKS, p, 0, attempt).digest
+            job.ledger.convict(job.people.servers[validator_of(p, n)].account, v["trainer"], epoch,
+                               v["reason"][:100], proof)
+        elif v["malicious"] and not job.ledger.evicted(v["trainer"]):
             job.ledger.evict(job.people.servers[p].account, v["trainer"], epoch, v["reason"][-100:])
     return doc
 

@@ -55,6 +55,12 @@ def has_trainers(job: Job, pipeline: int) -> bool:
         return (job.ref.out_dir, pipeline) in _CLUSTERS
 
 
+def running_cluster(job: Job, pipeline: int) -> PipelineCluster | None:
+    """``pipeline``'s stage processes when they are up in this process (None: they were never started or stopped)."""
+    with _LOCK:
+        return _CLUSTERS.get((job.ref.out_dir, pipeline))
+
+
 def trainer_cluster(job: Job, pipeline: int) -> PipelineCluster:
     key = (job.ref.out_dir, pipeline)
     with _LOCK:

@@ -259,7 +259,9 @@ class PipelineCluster:
         grads = {k: v for s in range(self.plan.n_stages) for k, v in replies[(pipeline, s)][1].items()}
         return grads, replies[(pipeline, self.plan.n_stages - 1)][2]
 
-    def reveal(self, challenges: dict[Slot, list[int]]) -> dict[Slot, dict]:
-        """Each challenged trainer reveals the records and tensors of its challenged steps of the last epoch."""
-        replies = self.request({slot: ("reveal", list(steps)) for slot, steps in challenges.items()}, "a challenge")
+    def reveal(self, challenges: dict[Slot, list[int]], epoch: int | None = None) -> dict[Slot, dict]:
+        """Each challenged trainer reveals the records and tensors of its challenged steps of the last epoch
+        (of ``epoch``, when given: a trainer that kept another epoch's records fails)."""
+        replies = self.request({slot: ("reveal", list(steps), epoch) for slot, steps in challenges.items()},
+                               "a challenge")
         return {slot: reply[1] for slot, reply in replies.items()}

@@ -103,6 +103,15 @@ class _Trainer:
         cid, dig = put_state(self.store, key, self.src.job_id, role, state)
         return {"cid": cid, "digest": dig}
 
+    def put_reveal(self, raw: bytes) -> dict:
+        """A challenge's answer, sealed with the key of this trainer's weights (its referee and the client hold it)."""
+        from tdml_core.artifacts import put_sealed
+        from tdml_core.protocol.keys import reveal_role
+
+        key = self.keys.for_kind(self.kinds.WEIGHTS, self.pipeline, self.stage)
+        cid, dig = put_sealed(self.store, key, self.src.job_id, reveal_role(self.pipeline, self.stage), raw)
+        return {"cid": cid, "digest": dig, "bytes": len(raw)}
+
 
 def _as_tuple(v):
     return v if isinstance(v, tuple) else (v,)
@@ -184,6 +193,7 @@ class StageProcess:
         self.tamper = attacks.Tamper(self.module, first=self.is_first, last=self.is_last)
         self.recorder = Recorder(self.module, first=self.is_first, last=self.is_last)
         self.log: EpochLog | None = None  # the last epoch's records, kept for its challenges
+        self.log_epoch: int | None = None
         self._last_update: dict | None = None  # what a free rider sends back instead of working
         if self.trainer and self.trainer.src.generation > 0:
             self._leave_collusion()
@@ -282,7 +292,7 @@ class StageProcess:
             stats["record"] = log.close(state)
             stats["commit_cpu_s"] = time.process_time() - c0  # hashing the records into their root
             stats["record_bytes"] = log.nbytes()
-        self.log = log
+        self.log, self.log_epoch = log, epoch
         stats["cpu_s"] = time.process_time() - cpu0
         if not self.trainer:
             return state, stats
@@ -308,11 +318,19 @@ class StageProcess:
             grad_sum = attacks.forged_grad({k: g.cpu() for k, g in grad_sum.items()}, bad)
         return out, grad_sum
 
-    def reveal(self, steps: list[int]) -> dict:
-        """Answer a challenge: the records and tensors of ``steps`` of the last epoch."""
-        if self.log is None:
-            raise RuntimeError("no records kept: verification is off or no epoch has run")
-        return self.log.reveal(steps)
+    def reveal(self, steps: list[int], epoch: int | None = None) -> dict:
+        """Answer a challenge: the records and tensors of ``steps`` of the last epoch.
+
+        A trainer puts them into the store and answers with their id and digest.
+        """
+        if self.log is None or (epoch is not None and epoch != self.log_epoch):
+            raise RuntimeError(f"no records kept of epoch {epoch}: verification is off or that epoch did not run here")
+        reveal = self.log.reveal(steps)
+        if not self.trainer:
+            return reveal
+        from tdml_core.verify.records import reveal_bytes
+
+        return self.trainer.put_reveal(reveal_bytes(reveal))
 
     def batch_grads(self, state: dict, xb, yb) -> tuple[dict, list[float]]:
         self.module.load_state_dict(state)

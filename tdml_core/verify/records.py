@@ -232,3 +232,51 @@ class Recorder:
         def hook(g):
             self.step.grads_in[i][j] = g.detach().cpu().clone()
         return hook
+
+
+# -- a reveal as bytes: what a trainer puts into the store to answer a challenge ----------------------------------
+def _pack(v, tensors: dict):
+    if isinstance(v, torch.Tensor):
+        name = f"{len(tensors):06d}"
+        tensors[name] = v
+        return {"$t": name}
+    if isinstance(v, dict):
+        return {"$d": [[str(k), _pack(x, tensors)] for k, x in v.items()]}
+    if isinstance(v, tuple):
+        return {"$tuple": [_pack(x, tensors) for x in v]}
+    if isinstance(v, list):
+        return [_pack(x, tensors) for x in v]
+    return v
+
+
+def _unpack(v, tensors: dict):
+    if isinstance(v, list):
+        return [_unpack(x, tensors) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "$t" in v:
+        return tensors[v["$t"]]
+    if "$tuple" in v:
+        return tuple(_unpack(x, tensors) for x in v["$tuple"])
+    return {k: _unpack(x, tensors) for k, x in v["$d"]}
+
+
+def reveal_bytes(reveal: dict) -> bytes:
+    """A reveal (``EpochLog.reveal``'s answer) in the artifacts' pickle-free state format."""
+    from tdml_core.artifacts import state_bytes
+
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = json.dumps(_pack(reveal, tensors), separators=(",", ":")).encode()
+    tensors["skeleton"] = torch.frombuffer(bytearray(skeleton), dtype=torch.uint8)
+    return state_bytes(tensors)
+
+
+def reveal_from_bytes(data: bytes) -> dict:
+    """The reveal that ``reveal_bytes`` wrote (step numbers back as ints)."""
+    from tdml_core.artifacts import state_from_bytes
+
+    tensors = state_from_bytes(data)
+    skeleton = tensors.pop("skeleton")
+    reveal = _unpack(json.loads(bytes(skeleton.numpy())), tensors)
+    reveal["steps"] = {int(k): v for k, v in reveal.get("steps", {}).items()}
+    return reveal

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
 
 from tdml_core.config import JobSpec
 from tdml_core.data import Dataset, batches, shard
@@ -50,18 +54,30 @@ def slot_records(locals_: list[dict], pipeline_ids: list[int]) -> dict[Slot, dic
 
 
 class Referee:
-    def __init__(self, spec: JobSpec, plan: StagePlan, ds: Dataset):
-        self.spec, self.plan, self.ds = spec, plan, ds
-        model = new_model(spec, ds)
-        self.modules = split_model(copy.deepcopy(model), plan, example_microbatch(ds, spec))
+    """``Referee(spec, plan, ds)`` shards ``ds`` itself; under the protocol the referee is given the stage
+    modules (``modules``) and reads each shard it checks from the store (``shard_of(pipeline)`` → (x, y))."""
+
+    def __init__(self, spec: JobSpec, plan: StagePlan, ds: Dataset | None = None, *,
+                 modules: list[nn.Module] | None = None,
+                 shard_of: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None):
+        self.spec, self.plan = spec, plan
+        if modules is None:
+            modules = split_model(copy.deepcopy(new_model(spec, ds)), plan, example_microbatch(ds, spec))
+        self.modules = modules
+        self.shard_of = shard_of or (lambda p: shard(ds, p, spec.data_parallel, spec.seed))
         self._batches: dict[tuple[int, int], list] = {}  # (pipeline, epoch) → that epoch's batches
+
+    def n_leaves(self, pipeline: int, epoch: int) -> int:
+        """How many leaves an honest record of ``pipeline``'s epoch has: one per step, and the end weights."""
+        self._batch(pipeline, epoch)
+        return len(self._batches[(pipeline, epoch)]) + 1
 
     def _batch(self, pipeline: int, epoch: int):
         """step → the shard's (x, y) batch of ``pipeline`` in ``epoch``, built once for all of its stages."""
         key = (pipeline, epoch)
         if key not in self._batches:
             self._batches = {k: v for k, v in self._batches.items() if k[1] == epoch}  # earlier epochs are done
-            x, y = shard(self.ds, pipeline, self.spec.data_parallel, self.spec.seed)
+            x, y = self.shard_of(pipeline)
             self._batches[key] = list(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline)))
         return self._batches[key].__getitem__
 
@@ -72,9 +88,13 @@ class Referee:
                            microbatches=self.spec.microbatches, tolerance=v.tolerance,
                            checkpoint_every=v.checkpoint_every, data=self._batch(pipeline, epoch))
 
-    def challenges(self, seed: bytes, records: dict[Slot, dict]) -> dict[Slot, list[int]]:
-        """Each trainer's challenged steps, from ``seed`` (unknown when it committed) and its commitment."""
-        return {slot: challenge.pick(seed, f"{slot[0]}/{slot[1]}", int(rec["leaves"]) - 1,
+    def challenges(self, seed: bytes, records: dict[Slot, dict],
+                   who: dict[Slot, str] | None = None) -> dict[Slot, list[int]]:
+        """Each trainer's challenged steps, from ``seed`` (unknown when it committed) and its commitment.
+
+        ``who`` names each slot's trainer (its address, under the protocol); by default the slot ("0/1").
+        """
+        return {slot: challenge.pick(seed, (who or {}).get(slot, f"{slot[0]}/{slot[1]}"), int(rec["leaves"]) - 1,
                                      self.spec.verification.checks)
                 for slot, rec in records.items() if rec}
 
@@ -84,7 +104,8 @@ class Referee:
         for slot, chosen in steps.items():
             replay = self.replay(slot[0], slot[1], epoch)
             verdict = Verdict(slot[0], slot[1], epoch, list(chosen))
-            reveal = reveals.get(slot) or {"leaves": records[slot]["leaves"], "steps": {}}
+            # the number of leaves is the referee's own count of the epoch's steps, never the trainer's word
+            reveal = {**(reveals.get(slot) or {"steps": {}}), "leaves": records[slot]["leaves"]}
             for t in chosen:
                 verdict.findings.append(replay.check(reveal, records[slot]["root"], t))
             out[slot] = verdict
