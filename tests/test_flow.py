@@ -232,8 +232,8 @@ def test_a_commitment_signed_by_another_trainer_fails_the_audit(finished_run, tm
     from tdml_core.identity import Identity
 
     run = _copy(finished_run, tmp_path)
-    lines, n, tx, _ = _journal_call(run, "commit", lambda a: a["kind"] == Kind.WEIGHTS and a["pipeline"] == 0
-                                    and a["stage"] == 1 and a["epoch"] == 2)
+    lines, n, tx, _ = _journal_call(run, "commitWork", lambda a: a["pipeline"] == 0 and a["stage"] == 1
+                                    and a["epoch"] == 2)  # its one work transaction: weights, gradient, root
     from eth_account import Account
 
     other = Identity.load(run / "keys" / "trainer-1-0.json")
