@@ -65,21 +65,12 @@ class StageReplay:
     checkpoint_every: int = 1
     data: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # step → the shard's (x, y) batch
     diffs: list = field(default_factory=list)
-    # intra-op threads for the replay, as a stage process trains (None: the process's setting). A replay of a
-    # small stage is a chain of small ops: on more threads it costs several times the CPU (5x measured for
-    # the digits CNN on 2 cores), and one thread, as in the stages, also keeps the arithmetic as theirs
-    threads: int | None = 1
 
     def check(self, reveal: dict, root_hex: str, step: int) -> Finding:
-        saved = torch.get_num_threads()
-        if self.threads:
-            torch.set_num_threads(self.threads)
         try:
             return self._check(reveal, bytes.fromhex(root_hex), int(reveal["leaves"]), step)
         except _Failed as f:
             return f.finding
-        finally:
-            torch.set_num_threads(saved)
 
     def _fail(self, step, what, detail, diff=0.0, segment=(0, 0)):
         raise _Failed(Finding(step, False, what, detail, diff, segment))
