@@ -322,7 +322,7 @@ class Auditor:
 
     def check_work(self, e: int, a: int, p: int) -> None:
         """Re-draw pipeline ``p``'s challenges of epoch ``e`` and re-run them on what its trainers revealed."""
-        from tdml_core.protocol.steps import check_trainers
+        from tdml_core.protocol.steps import block_seed, check_trainers
 
         job, spec = self.job, self.job.spec
         slot = Slot(e, Kind.CHECKS, p, 0, a)
@@ -335,13 +335,13 @@ class Auditor:
                           f"but the run used no work pool")
             return
         block = job.ledger.last_work_block(e, a) + 1
-        seed = bytes(job.chain.w3.eth.get_block(block)["hash"]).hex()
+        seed = block_seed(job.chain, block).hex()
         if doc.get("seed_block") != block or doc.get("seed") != seed:
             self.fail(f"epoch {e} pipeline {p}: the checks were drawn from block {doc.get('seed_block')} "
                       f"({doc.get('seed')}); the first block after the last commitment is {block} ({seed})")
         reveals = {tuple(int(x) for x in t["slot"].split("/")): t["reveal"] or {"error": "no answer"}
                    for t in doc["trainers"]}
-        redo = {t["slot"]: t for t in check_trainers(job, p, e, a, block, bytes.fromhex(seed), reveals)}
+        redo = {t["slot"]: t for t in check_trainers(job, p, e, a, bytes.fromhex(seed), reveals)}
         have = {t["slot"]: t for t in doc["trainers"]}
         if set(have) != set(redo):
             self.fail(f"epoch {e} pipeline {p}: the checks cover trainers {sorted(have)}, not {sorted(redo)}")

@@ -401,7 +401,12 @@ def challenge_seed(job: Job, epoch: int, attempt: int) -> tuple[int, bytes]:
             raise ProtocolError(f"the chain mined no block after {block - 1} in 120 s: the challenges cannot be drawn")
         else:
             time.sleep(0.5)
-    return block, bytes(chain.w3.eth.get_block(block)["hash"])
+    return block, block_seed(chain, block)
+
+
+def block_seed(chain, block: int) -> bytes:
+    """The challenge seed a mined block gives: its hash."""
+    return bytes(chain.w3.eth.get_block(block)["hash"])
 
 
 def referee_of(job: Job, pipeline: int):
@@ -440,31 +445,37 @@ def open_reveal(job: Job, pipeline: int, stage: int, ref: dict) -> dict:
     return reveal_from_bytes(raw)
 
 
-def check_trainers(job: Job, pipeline: int, epoch: int, attempt: int, block: int, seed: bytes,
-                   reveals: dict[tuple[int, int], dict]) -> list[dict]:
-    """Draw each trainer's steps from ``seed``, open what it revealed, re-run them: one entry per trainer.
-
-    ``reveals[slot]`` is the id and digest of its answer ({"cid", "digest"}), or {"error": why} when it gave
-    none. The detect step and the audit both call this, on the same committed inputs.
-    """
+def draw_challenges(job: Job, pipeline: int, epoch: int, attempt: int, seed: bytes) -> tuple[dict, dict, dict]:
+    """(records, who, steps) of ``pipeline``'s trainers: each one's committed root and leaf count, its address,
+    and the steps ``seed`` draws for it."""
     ref = referee_of(job, pipeline)
     records, who = {}, {}
     for s in range(job.n_stages):
         root = job.must(epoch, Kind.ROOT, pipeline, s, attempt)
         records[(pipeline, s)] = {"root": root.digest, "leaves": ref.n_leaves(pipeline, epoch)}
         who[(pipeline, s)] = root.writer
-    steps = ref.challenges(seed, records, who)
-    opened, out = {}, []
+    return records, who, ref.challenges(seed, records, who)
+
+
+def check_trainers(job: Job, pipeline: int, epoch: int, attempt: int, seed: bytes,
+                   reveals: dict[tuple[int, int], dict]) -> list[dict]:
+    """Draw each trainer's steps from ``seed``, open what it revealed, re-run them: one entry per trainer.
+
+    ``reveals[slot]`` is the id and digest of its answer ({"cid", "digest"}), or {"error": why} when it gave
+    none. The detect step and the audit both call this, on the same committed inputs.
+    """
+    records, who, steps = draw_challenges(job, pipeline, epoch, attempt, seed)
+    opened, answers, out = {}, {}, []
     for slot in steps:
-        answer = reveals.get(slot) or {"error": "no answer"}
+        answer = answers[slot] = reveals.get(slot) or {"error": "no answer"}
         if "cid" in answer:
             try:
                 opened[slot] = open_reveal(job, *slot, answer)
             except Exception as exc:  # a damaged or forged answer is a failed reveal, not a crash
-                answer = {**answer, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    found = ref.judge(epoch, records, steps, opened)
+                answers[slot] = {**answer, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    found = referee_of(job, pipeline).judge(epoch, records, steps, opened)
     for slot, verdict in found.items():
-        answer = reveals.get(slot) or {"error": "no answer"}
+        answer = answers[slot]
         findings = [f.as_doc() for f in verdict.findings]
         if slot not in opened:
             why = answer.get("error", "no answer")
@@ -495,10 +506,7 @@ def verify_work(job: Job, pipeline: int, epoch: int, attempt: int) -> dict | Non
     else:
         t0 = time.perf_counter()
         block, seed = challenge_seed(job, epoch, attempt)
-        ref = referee_of(job, pipeline)
-        records = {(pipeline, s): {"leaves": ref.n_leaves(pipeline, epoch)} for s in range(job.n_stages)}
-        who = {(pipeline, s): job.must(epoch, Kind.ROOT, pipeline, s, attempt).writer for s in range(job.n_stages)}
-        steps = ref.challenges(seed, records, who)
+        _, _, steps = draw_challenges(job, pipeline, epoch, attempt, seed)
         reveals: dict = {}
         if cluster is None:
             reveals = {slot: {"error": "its stage process is not running"} for slot in steps}
@@ -512,7 +520,7 @@ def verify_work(job: Job, pipeline: int, epoch: int, attempt: int) -> dict | Non
                 drop_trainers(job, pipeline)
         t1 = time.perf_counter()
         doc.update(seed_block=block, seed=seed.hex(),
-                   trainers=check_trainers(job, pipeline, epoch, attempt, block, seed, reveals),
+                   trainers=check_trainers(job, pipeline, epoch, attempt, seed, reveals),
                    reveal_s=t1 - t0, recompute_s=time.perf_counter() - t1)
     cid, dig = job.put_doc(Kind.CHECKS, doc, pipeline)
     job.commit_once(referee, Slot(epoch, Kind.CHECKS, pipeline, 0, attempt), cid, dig)
