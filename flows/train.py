@@ -253,7 +253,8 @@ def _record(job: Job, epoch: int, attempt: int, trained: dict, scores: list, ver
         "restarted": [slot for tr in trained.values() for slot in tr.get("restarted", [])],  # trainers started afresh
         "failures": [f for tr in trained.values() for f in tr.get("failures", [])],
         "steps_s": times,
-        "trainers_s": {str(p): {k: tr[k] for k in ("startup_s", "train_s", "commit_s") if k in tr}
+        "trainers_s": {str(p): {k: tr[k] for k in ("startup_s", "train_s", "commit_s", "cpu_s", "record_cpu_s")
+                                if k in tr}
                        for p, tr in trained.items()},
         "wall_s": sum(times.values()),
     }

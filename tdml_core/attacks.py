@@ -144,7 +144,10 @@ class Collusion:
 class Tamper:
     """A dishonest trainer's hooks on its own stage module, idle unless its attack is a compute attack.
 
-    Installed before the records' hooks, so the records hold what was really sent.
+    Installed before the records' hooks, so the records hold what was really sent;
+    a ``hidden`` forger acts after them instead (``install_late``): its records
+    hold the honest values, and only the signature it gave with what it sent
+    (``sent_digests``) shows what went out.
     ``forged_output`` adds noise to the activations it sends downstream,
     ``forged_grad`` to the gradients it sends upstream; ``lazy`` skips a share
     ``q`` of its steps and ``free_rider`` all of them: on a skipped step it sends
@@ -159,8 +162,37 @@ class Tamper:
         self._stale_out: dict[int, tuple] = {}
         self._stale_grad: dict[tuple[int, int], torch.Tensor] = {}
         self._handles: list = []
-        module.register_forward_pre_hook(self._pre)
-        module.register_forward_hook(self._post)
+        self.hidden = False
+        self.late = False  # which set of hooks is running (see ``install_late``)
+        self._sent: dict[str, dict] = {}
+        module.register_forward_pre_hook(self._hook(self._pre, late=False))
+        module.register_forward_hook(self._hook(self._post, late=False))
+
+    def install_late(self, module: torch.nn.Module) -> None:
+        """The hooks a hidden forger runs after the records' own (call after installing the ``Recorder``)."""
+        module.register_forward_pre_hook(self._hook(self._pre, late=True))
+        module.register_forward_hook(self._hook(self._post, late=True))
+
+    def _hook(self, fn, late: bool):
+        def hook(*args):
+            if self.hidden != late:
+                return None
+            return fn(*args)
+        return hook
+
+    def sent_digests(self) -> dict | None:
+        """A hidden forger's digests of what it really sent this step, per field (None: its records say it)."""
+        if not self.hidden or self.kind is None:
+            return None
+        from tdml_core.verify.records import tensors_digest
+
+        out = {}
+        if self._sent.get("outputs"):
+            out["outputs"] = [tensors_digest(v) for _, v in sorted(self._sent["outputs"].items())]
+        if self._sent.get("grads_out"):
+            out["grads_out"] = [tensors_digest(tuple(g for _, g in sorted(v.items())))
+                                for _, v in sorted(self._sent["grads_out"].items())]
+        return out
 
     def forget(self) -> None:
         """A new trainer holds the slot (or a new run starts): nothing it sent before is its to resend."""
@@ -169,6 +201,7 @@ class Tamper:
 
     def begin_epoch(self, attack: AttackSpec | None, n_steps: int, generator: torch.Generator) -> None:
         self.kind = attack.kind if attack is not None and attack.kind in COMPUTE else None
+        self.hidden = bool(attack is not None and attack.hidden and self.kind in ("forged_output", "forged_grad"))
         self.scale = DEFAULTS.get(self.kind) if attack is None or attack.scale is None else attack.scale
         self.gen = generator
         self.skipped: set[int] = set()
@@ -181,6 +214,7 @@ class Tamper:
     def begin_step(self, step: int) -> bool:
         """Whether this step is skipped (then the caller leaves its weights where they are)."""
         self.skip, self._mb = step in self.skipped, 0
+        self._sent = {"outputs": {}, "grads_out": {}}
         return self.skip
 
     def end_step(self) -> None:
@@ -208,6 +242,8 @@ class Tamper:
             elif self.kind == "forged_grad":
                 g = g + self._noise_like(g)
             self._stale_grad[(i, j)] = g.detach().clone()
+            if self.hidden:
+                self._sent["grads_out"].setdefault(i, {})[j] = g.detach().cpu()
             return g
         return hook
 
@@ -227,6 +263,8 @@ class Tamper:
         else:
             sent = outs
         self._stale_out[i] = tuple(o.detach().clone() for o in sent)
+        if self.hidden:
+            self._sent["outputs"][i] = tuple(o.detach().cpu() for o in sent)
         return sent if isinstance(output, tuple) else sent[0]
 
 

@@ -71,6 +71,7 @@ class AttackSpec(_Strict):
     from_epoch: int = Field(default=0, ge=0)
     scale: float | None = Field(default=None, gt=0)
     q: float = Field(default=0.1, gt=0, le=1)  # lazy: the share of its steps it skips
+    hidden: bool = False  # forged_output, forged_grad: its records hold the honest values, not what it sent
 
     @field_validator("slot")
     @classmethod
@@ -116,9 +117,11 @@ class VerificationSpec(_Strict):
     """How trainers' work is checked: per-step records, a Merkle root per epoch, random steps recomputed."""
 
     enabled: bool = True
-    checks: int = Field(default=66, ge=0)  # random steps recomputed per trainer per epoch (besides its last);
-    #                                        66 catch a trainer skipping 10% of its steps with 1 − 0.9^66 > 99.9%
-    checkpoint_every: int = Field(default=1, ge=1)  # a weights digest every this many steps; a check replays from it
+    checks: int = Field(default=66, ge=0)  # random steps recomputed per trainer per epoch (besides its last),
+    #                                        in whole segments: 66 catch a trainer skipping 10% of its steps at
+    #                                        random with 1 − 0.9^66 > 99.9%
+    checkpoint_every: int = Field(default=4, ge=1)  # a segment: a weights digest every this many steps, and a
+    #                                                 check replays from one to the next; 1 digests every step
     tolerance: float = Field(default=1e-4, gt=0)  # largest |recomputed − committed| / max|committed| accepted
 
 

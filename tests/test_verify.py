@@ -32,6 +32,9 @@ def test_every_leaf_proves_against_the_root_and_no_other_leaf_does():
 
 
 def test_challenges_are_distinct_include_the_last_step_and_follow_the_seed():
+    segments = challenge.pick(b"block-hash", "0/1", 100, 10, every=4)  # 3 segments' worth and the last
+    assert len(segments) == 4 and all(s % 4 == 0 for s in segments) and segments[-1] == 96
+    assert challenge.pick(b"block-hash", "0/1", 10, 66, every=4) == [0, 4, 8]
     steps = challenge.pick(b"block-hash", "0/1", 100, 10)
     assert len(steps) == 11 and len(set(steps)) == 11 and steps[-1] == 99
     assert steps == challenge.pick(b"block-hash", "0/1", 100, 10)
@@ -65,7 +68,7 @@ def _stored(reveals: dict) -> dict:
     return {slot: reveal_from_bytes(reveal_bytes(r)) for slot, r in reveals.items()}
 
 
-def _run_and_judge(spec, epochs=1, checks=None, stored=False):
+def _run_and_judge(spec, epochs=1, checks=None, stored=False, who=None):
     ds, model = load_job(spec)
     plan = make_plan(spec, model, ds)
     ref = Referee(spec, plan, ds)
@@ -76,14 +79,16 @@ def _run_and_judge(spec, epochs=1, checks=None, stored=False):
             out = cluster.train_epoch(epoch, state)
             records = slot_records(out, cluster.pipeline_ids)
             steps = ref.challenges(os.urandom(32), records)
-            reveals = cluster.reveal(steps)
-            verdicts.append(ref.judge(epoch, records, steps, _stored(reveals) if stored else reveals))
+            reveals = _stored(cluster.reveal(steps)) if stored else cluster.reveal(steps)
+            verdicts.append(ref.judge(epoch, records, steps, reveals))
+            if who is not None:
+                verdicts.append(ref.judge(epoch, records, steps, reveals, who))
     return verdicts
 
 
 def test_forged_messages_are_pinned_on_their_sender_and_not_on_the_receiver():
     spec = parse_spec({"data_parallel": 2, "stages": 2, "batch_size": 32, "microbatches": 4, "epochs": 1,
-                       "dataset": {"name": "digits", "limit": 512}, "verification": {"checks": 3},
+                       "dataset": {"name": "digits", "limit": 512}, "verification": {"checks": 3, "checkpoint_every": 1},
                        "attacks": [{"slot": "0/0", "kind": "forged_output"},
                                    {"slot": "1/1", "kind": "forged_grad"}]})
     (verdicts,) = _run_and_judge(spec, stored=True)  # through the store's byte format, as the protocol reads them
@@ -93,6 +98,27 @@ def test_forged_messages_are_pinned_on_their_sender_and_not_on_the_receiver():
     for slot in ((0, 1), (1, 0)):  # each received the forged values and computed honestly from them
         assert all(f.ok and f.max_diff <= 1e-6 for f in verdicts[slot].findings), verdicts[slot].as_doc()
         assert len(verdicts[slot].steps) == 4  # three random steps and the last
+
+
+def test_a_forger_whose_records_hold_honest_values_is_pinned_by_the_signature_it_gave():
+    spec = parse_spec({"data_parallel": 2, "stages": 2, "batch_size": 32, "microbatches": 4, "epochs": 1,
+                       "dataset": {"name": "digits", "limit": 512}, "verification": {"checks": 3},
+                       "attacks": [{"slot": "0/0", "kind": "forged_output", "hidden": True},
+                                   {"slot": "1/1", "kind": "forged_grad", "hidden": True}]})
+    stranger = "0x" + "11" * 20
+    plain, named = _run_and_judge(spec, who={(1, 0): stranger})
+    assert {slot for slot, v in plain.items() if v.failed} == {(0, 0), (1, 1)}
+    for slot in ((0, 0), (1, 1)):  # its own replay agrees with its records; its neighbour's signed copy does not
+        v = plain[slot]
+        assert all(f.ok for f in v.findings[:len(v.steps)]), v.as_doc()
+        signed = [f for f in v.findings[len(v.steps):]]
+        assert signed and all(f.what == "signed" and not f.ok for f in signed), v.as_doc()
+        assert set(v.steps) <= {f.step for f in signed}  # every challenged step shows it
+    for slot in ((0, 1), (1, 0)):
+        assert not plain[slot].failed, plain[slot].as_doc()
+    # what 1/1 received must be signed by the trainer the chain names at 1/0: signed by another, it is refused
+    assert named[(1, 1)].first_failure.what == "signature"
+    assert "from stage 0" in named[(1, 1)].first_failure.detail
 
 
 def test_honest_trainers_of_a_three_stage_residual_model_pass_under_1f1b():

@@ -339,7 +339,10 @@ def train_pipeline(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
         commit_work(job, pipeline, s, epoch, attempt, st)
     return {"pipeline": pipeline, "train_loss": stats[-1]["train_loss"], "batches": stats[-1]["batches"],
             "restarted": restarted, "failures": job.failures.pop(pipeline, []) if restarted else [],
-            "startup_s": t1 - t0, "train_s": t2 - t1, "commit_s": time.perf_counter() - t2}
+            "startup_s": t1 - t0, "train_s": t2 - t1, "commit_s": time.perf_counter() - t2,
+            # the trainers' CPU time in the epoch, and of it their records' (cloning, hashing, signing)
+            "cpu_s": sum(st.get("cpu_s", 0.0) for st in stats),
+            "record_cpu_s": sum(st.get("record_cpu_s", 0.0) for st in stats)}
 
 
 UNRECORDED = "00" * 32  # the root a trainer commits when the spec turns verification off
@@ -473,7 +476,7 @@ def check_trainers(job: Job, pipeline: int, epoch: int, attempt: int, seed: byte
                 opened[slot] = open_reveal(job, *slot, answer)
             except Exception as exc:  # a damaged or forged answer is a failed reveal, not a crash
                 answers[slot] = {**answer, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
-    found = referee_of(job, pipeline).judge(epoch, records, steps, opened)
+    found = referee_of(job, pipeline).judge(epoch, records, steps, opened, who)
     for slot, verdict in found.items():
         answer = answers[slot]
         findings = [f.as_doc() for f in verdict.findings]

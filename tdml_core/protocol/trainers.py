@@ -38,6 +38,7 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
             data_cid=data.cid,
             data_digest=data.digest,
             generation=job.generation(pipeline, s),
+            peers=tuple(job.people.trainers[(pipeline, t)].address for t in range(job.n_stages)),
         )
     return out
 

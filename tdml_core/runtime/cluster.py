@@ -220,6 +220,7 @@ class PipelineCluster:
                     "records": [st.get("record") for st in stage_stats],  # per stage: its commitment, if recorded
                     "record_bytes": [st.get("record_bytes", 0) for st in stage_stats],
                     "cpu_s": [st.get("cpu_s", 0.0) for st in stage_stats],  # each stage's CPU time in the epoch
+                    "record_cpu_s": [st.get("record_cpu_s", 0.0) for st in stage_stats],  # of it, recording
                 }
             )
         return out

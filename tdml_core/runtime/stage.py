@@ -32,6 +32,7 @@ from tdml_core.data import batches, num_batches, shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer, model_for
+from tdml_core.verify import signing
 from tdml_core.verify.records import EpochLog, Recorder
 
 
@@ -50,6 +51,7 @@ class TrainerSource:
     data_cid: str
     data_digest: str
     generation: int = 0  # how many trainers held this slot before (the spec's attacks are its first trainer's)
+    peers: tuple = ()  # the addresses of the pipeline's trainers, stage by stage (who signs what a stage receives)
 
 
 @dataclass
@@ -79,6 +81,7 @@ class _Trainer:
         self.src, self.pipeline, self.stage = src, pipeline, stage
         self.store = open_store(src.store_url)
         me = Identity.load(src.key_file, src.passphrase)
+        self.sign_key = bytes(me.account.key)  # signs the digests of the messages it sends its neighbours
         held = {}
         for sender, cid, role in ((src.client_public, src.data_key_cid, "data-key"),
                                   (src.server_public, src.trainer_keys_cid, "trainer-keys")):
@@ -192,6 +195,12 @@ class StageProcess:
         # a dishonest trainer's hooks first, then the records', so the records hold what was really sent
         self.tamper = attacks.Tamper(self.module, first=self.is_first, last=self.is_last)
         self.recorder = Recorder(self.module, first=self.is_first, last=self.is_last)
+        self.tamper.install_late(self.module)  # a forger that keeps honest records acts after them
+        if self.trainer:
+            self.sign_key, self.peers = self.trainer.sign_key, list(self.trainer.src.peers)
+        else:  # a run without identities: each slot signs with a key of its own, known to all
+            self.sign_key = signing.slot_key(spec.seed, args.pipeline, args.stage)
+            self.peers = [signing.slot_address(spec.seed, args.pipeline, s) for s in range(plan.n_stages)]
         self.log: EpochLog | None = None  # the last epoch's records, kept for its challenges
         self.log_epoch: int | None = None
         self._last_update: dict | None = None  # what a free rider sends back instead of working
@@ -254,6 +263,7 @@ class StageProcess:
         gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage, "tamper")) % 2**63)
         self.tamper.begin_epoch(attack, n_batches, gen)
         log = EpochLog(spec.verification.checkpoint_every) if spec.verification.enabled else None
+        self._signed: dict[int, list[bytes]] = {}  # per neighbour: this epoch's signatures of what it was sent
         loss_sum, n = 0.0, 0
         # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
         grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
@@ -266,7 +276,7 @@ class StageProcess:
                                     spec.microbatches)
             losses = self._step(xb, target)
             if log is not None:
-                self.recorder.end()
+                self._sign_step(log, self.recorder.end(), epoch, t)
             self.tamper.end_step()
             if grad_sum is not None:
                 with torch.no_grad():
@@ -278,6 +288,8 @@ class StageProcess:
             if losses:
                 loss_sum += float(torch.stack([loss.detach() for loss in losses]).mean())
             n += 1
+        if log is not None and self.n_stages > 1:
+            self._exchange_signatures(log, epoch)
         state = {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
         stats = {"batches": n, "train_loss": (loss_sum / n) if (self.is_last and n) else None}
         if attack is not None and attack.kind == "free_rider":
@@ -292,6 +304,7 @@ class StageProcess:
             stats["record"] = log.close(state)
             stats["commit_cpu_s"] = time.process_time() - c0  # hashing the records into their root
             stats["record_bytes"] = log.nbytes()
+            stats["record_cpu_s"] = log.cpu_s  # recording, hashing and signing
         self.log, self.log_epoch = log, epoch
         stats["cpu_s"] = time.process_time() - cpu0
         if not self.trainer:
@@ -299,6 +312,51 @@ class StageProcess:
         stats["weights"] = self.trainer.put("weights", state)
         stats["grad"] = self.trainer.put("grad", {k: v.cpu() for k, v in grad_sum.items()})
         return None, stats
+
+    def _sign_step(self, log: EpochLog, step, epoch: int, t: int) -> None:
+        """Sign the digests of what this step sent each neighbour (the signatures go at the epoch's end)."""
+        a, n = self.args, self.args.plan.n_stages
+        c0 = time.process_time()
+        sent = self.tamper.sent_digests() or {}
+        for peer, kind, name in ((a.stage + 1, signing.ACTIVATIONS, "outputs"),
+                                 (a.stage - 1, signing.GRADIENTS, "grads_out")):
+            if 0 <= peer < n:
+                h = signing.message_hash(a.pipeline, epoch, t, kind, a.stage, sent.get(name, step.digests(name)))
+                self._signed.setdefault(peer, []).append(signing.sign(self.sign_key, h))
+        log.cpu_s += time.process_time() - c0
+
+    def _exchange_signatures(self, log: EpochLog, epoch: int) -> None:
+        """Give each neighbour this epoch's signatures; keep, after checking each, what it signed for us.
+
+        One message each way per neighbour, before anyone commits: a receiver holds, for every step, the
+        sender's signature over what arrived, or refuses the epoch naming the sender.
+        """
+        a, n = self.args, self.args.plan.n_stages
+        c0 = time.process_time()
+        works, bufs = [], {}
+        for peer in (a.stage - 1, a.stage + 1):
+            if 0 <= peer < n:
+                mine = b"".join(self._signed.get(peer, []))
+                out = torch.frombuffer(bytearray(mine), dtype=torch.uint8) if mine else torch.zeros(0, dtype=torch.uint8)
+                works.append(dist.isend(out.to(self.device), peer, tag=7))
+                bufs[peer] = torch.zeros(len(log.steps) * signing.SIGNATURE_BYTES, dtype=torch.uint8,
+                                         device=self.device)
+                works.append(dist.irecv(bufs[peer], peer, tag=7))
+        for w in works:
+            w.wait()
+        self._signed = {}
+        for peer, buf in bufs.items():
+            kind, name, field = ((signing.ACTIVATIONS, "inputs", "sig_in") if peer < a.stage
+                                 else (signing.GRADIENTS, "grads_in", "sig_grads"))
+            raw = bytes(buf.cpu().numpy())
+            for t, step in enumerate(log.steps):
+                sig = raw[t * signing.SIGNATURE_BYTES:(t + 1) * signing.SIGNATURE_BYTES]
+                h = signing.message_hash(a.pipeline, epoch, t, kind, peer, step.digests(name))
+                if signing.signer(h, sig) != self.peers[peer]:
+                    raise RuntimeError(f"step {t}: the {kind} from {a.pipeline}/{peer} do not carry its trainer's "
+                                       f"signature over what arrived; refusing them")
+                setattr(step, field, sig.hex())
+        log.cpu_s += time.process_time() - c0
 
     def _attack(self, attack, epoch: int, start: dict, state: dict, grad_sum: dict | None):
         """This trainer cheats: it commits start + the attack's update, and a gradient that agrees with it."""

@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 
-def pick(seed: bytes, who: str, n_steps: int, checks: int, last: bool = True) -> list[int]:
-    """``checks`` distinct steps of ``n_steps``, and always the last one, drawn from ``seed`` for ``who``.
+def pick(seed: bytes, who: str, n_steps: int, checks: int, last: bool = True, every: int = 1) -> list[int]:
+    """The steps whose segments are checked: ``checks`` steps' worth of distinct segments, and always the last.
 
-    The last step is always checked because it ends in the committed weights: an
-    update that does not come from the recorded steps fails there. ``seed`` is
-    what nobody knew when committing (a later block's hash); ``who`` names the
-    trainer (its address, or its slot), so every trainer draws its own steps.
-    ``last=False`` draws the random steps alone (to measure what they catch).
+    A segment is a checkpoint and the steps up to the next one (``every`` steps; 1: each step is its own),
+    and a check replays all of it, so ``ceil(checks / every)`` segments are drawn; each is named by its
+    first step. The last segment is always checked because it ends in the committed weights: an update
+    that does not come from the recorded steps fails there. ``seed`` is what nobody knew when committing
+    (a later block's hash); ``who`` names what draws (its pipeline, under the protocol), so each draws its
+    own. ``last=False`` draws the random segments alone (to measure what they catch).
     """
     if n_steps <= 0:
         return []
-    chosen: set[int] = {n_steps - 1} if last else set()
-    want = min(n_steps, checks + (1 if last else 0))
+    n_segments = math.ceil(n_steps / every)
+    chosen: set[int] = {n_segments - 1} if last else set()
+    want = min(n_segments, math.ceil(checks / every) + (1 if last else 0))
     counter = 0
     while len(chosen) < want:
         h = hashlib.sha256(seed + who.encode() + counter.to_bytes(8, "big")).digest()
-        chosen.add(int.from_bytes(h[:8], "big") % n_steps)
+        chosen.add(int.from_bytes(h[:8], "big") % n_segments)
         counter += 1
-    return sorted(chosen)
+    return sorted(s * every for s in chosen)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tdml_core.artifacts import state_digest
-from tdml_core.verify import merkle
+from tdml_core.verify import merkle, signing
 from tdml_core.verify.records import FIELDS, fast_digest, leaf_bytes, load_optimizer_state, tensors_digest
 
 
@@ -31,7 +31,7 @@ class Finding:
 
     step: int
     ok: bool
-    what: str = ""  # failed: proof | digest | data | targets | outputs | grads_out | weights | missing
+    what: str = ""  # failed: proof | digest | signature | signed | data | targets | outputs | grads_out | weights | missing
     detail: str = ""
     max_diff: float = 0.0  # the largest relative difference met (recomputed against revealed)
     segment: tuple[int, int] = (0, 0)
@@ -65,6 +65,8 @@ class StageReplay:
     checkpoint_every: int = 1
     data: Callable[[int], tuple[torch.Tensor, torch.Tensor]] | None = None  # step → the shard's (x, y) batch
     diffs: list = field(default_factory=list)
+    # who signs what this stage receives: (pipeline, epoch, stage, the pipeline's signers stage by stage)
+    signed: tuple[int, int, int, list] | None = None
 
     def check(self, reveal: dict, root_hex: str, step: int) -> Finding:
         try:
@@ -134,6 +136,7 @@ class StageReplay:
                 got = [tensors_digest(v if isinstance(v, tuple) else (v,)) for v in values] if values else None
                 if got != want:
                     self._fail(step, "digest", f"the revealed {name} of step {t} do not match its record", segment=seg)
+            self._signatures(step, seg, e["leaf"])
             if self.data is not None:
                 x, y = self.data(t)
                 if self.first and [tensors_digest((m,)) for m in x.tensor_split(self.microbatches)] != \
@@ -142,6 +145,21 @@ class StageReplay:
                 if self.last and [tensors_digest((m,)) for m in y.tensor_split(self.microbatches)] != \
                         [tensors_digest((v,)) for v in e["targets"]]:
                     self._fail(step, "targets", f"step {t} trained on labels other than its shard's", segment=seg)
+
+    def _signatures(self, step, seg, leaf: dict) -> None:
+        """What the record says the stage received must carry the signature of the neighbour that sent it."""
+        if self.signed is None:
+            return
+        pipeline, epoch, stage, signers = self.signed
+        t = leaf["step"]
+        for peer, kind, name, sig in ((stage - 1, signing.ACTIVATIONS, "inputs", "sig_in"),
+                                      (stage + 1, signing.GRADIENTS, "grads_in", "sig_grads")):
+            if not 0 <= peer < len(signers):
+                continue
+            h = signing.message_hash(pipeline, epoch, t, kind, peer, leaf.get(name))
+            if signing.signer(h, leaf.get(sig)) != signers[peer]:
+                self._fail(step, "signature", f"step {t}: the {kind} it says it received from stage {peer} do not "
+                           f"carry that trainer's signature", segment=seg)
 
     def _replay_step(self, step, seg, t, e, opt) -> float:
         worst = 0.0

@@ -4,9 +4,10 @@ Leaf ``t`` (for each step t of N) holds the digests of what the stage had and
 did at that step: its weights, optimizer state and random state before the step
 (every ``checkpoint_every`` steps), what it received (the data batch's
 microbatches on the first stage, the activations from upstream elsewhere; the
-targets on the last stage; the gradients from downstream) and what it sent (its
-activations downstream, its input gradients upstream). Leaf N holds the digest
-of the committed end weights. The tensors themselves stay with the trainer
+targets on the last stage; the gradients from downstream), what it sent (its
+activations downstream, its input gradients upstream), and the signatures its
+neighbours gave with what they sent (``verify/signing.py``). Leaf N holds the
+digest of the committed end weights. The tensors themselves stay with the trainer
 until a challenge asks for some steps (``EpochLog.reveal``).
 
 ``Recorder`` fills a log from hooks on the stage module, so it records exactly
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -82,17 +84,27 @@ class StepData:
     outputs: list = field(default_factory=list)
     grads_in: list = field(default_factory=list)
     grads_out: list = field(default_factory=list)
+    sig_in: str | None = None  # the upstream stage's signature over the activations received (hex)
+    sig_grads: str | None = None  # the downstream stage's signature over the gradients received (hex)
+    _digests: dict = field(default_factory=dict)
+
+    def digests(self, name: str) -> list[str] | None:
+        """One digest per microbatch of field ``name`` (computed once: signatures and the leaf share it)."""
+        if name not in self._digests:
+            values = getattr(self, name)
+            self._digests[name] = [tensors_digest(v if isinstance(v, tuple) else (v,)) for v in values] \
+                if values else None
+        return self._digests[name]
 
     def leaf(self, step: int) -> dict:
-        def per_mb(values):
-            return [tensors_digest(v if isinstance(v, tuple) else (v,)) for v in values] if values else None
-
         return {
             "step": step,
             "weights": fast_digest(self.weights) if self.weights is not None else None,
             "optim": fast_digest(self.optim) if self.optim is not None else None,
             "rng": tensors_digest([self.rng]) if self.rng is not None else None,
-            **{name: per_mb(getattr(self, name)) for name in FIELDS},
+            **{name: self.digests(name) for name in FIELDS},
+            "sig_in": self.sig_in,
+            "sig_grads": self.sig_grads,
         }
 
 
@@ -104,14 +116,18 @@ class EpochLog:
         self.steps: list[StepData] = []
         self.leaves: list[dict] = []
         self.end_weights: dict | None = None
+        self.cpu_s = 0.0  # CPU time spent recording, hashing and signing (the records' own cost)
 
     def close(self, end_weights: dict) -> dict:
         """The epoch is over and ``end_weights`` are what the trainer commits: the commitment."""
         self.end_weights = end_weights
+        c0 = time.process_time()
         self.leaves = [s.leaf(t) for t, s in enumerate(self.steps)]
         self.leaves.append({"step": len(self.steps), "weights": state_digest(end_weights)})
         self._hashes = [merkle.leaf_hash(leaf_bytes(leaf)) for leaf in self.leaves]
-        return {"root": merkle.root(self._hashes).hex(), "leaves": len(self.leaves)}
+        root = merkle.root(self._hashes).hex()
+        self.cpu_s += time.process_time() - c0
+        return {"root": root, "leaves": len(self.leaves)}
 
     def segment(self, step: int) -> tuple[int, int]:
         """The steps [start, end) a check of ``step`` replays: from its checkpoint to the next."""
@@ -175,6 +191,7 @@ class Recorder:
 
     def begin(self, log: EpochLog, t: int, module: nn.Module, optimizer: torch.optim.Optimizer,
               targets: torch.Tensor | None, microbatches: int) -> None:
+        c0 = time.process_time()
         self.log, self.step = log, StepData()
         if t % log.checkpoint_every == 0:
             self.step.weights = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
@@ -182,19 +199,27 @@ class Recorder:
             self.step.rng = torch.get_rng_state()
         if self.last and targets is not None:
             self.step.targets = [y.clone() for y in targets.tensor_split(microbatches)]
+        log.cpu_s += time.process_time() - c0
 
-    def end(self) -> None:
+    def end(self) -> StepData:
+        """The step is over: its record, with its messages' digests (for the signatures and the leaf)."""
+        c0 = time.process_time()
         for h in self._handles:
             h.remove()
         self._handles.clear()
         for name in ("grads_in", "grads_out"):  # the gradients that really flowed, per microbatch
             setattr(self.step, name, [tuple(g for g in gs if g is not None) for gs in getattr(self.step, name)])
         self.log.steps.append(self.step)
-        self.step = None
+        step, self.step = self.step, None
+        for name in FIELDS:
+            step.digests(name)
+        self.log.cpu_s += time.process_time() - c0
+        return step
 
     def _pre(self, module, args):
         if self.step is None:
             return
+        c0 = time.process_time()
         i = len(self.step.inputs)
         self.step.inputs.append(_clone(tuple(args)))
         if not self.first:
@@ -202,15 +227,19 @@ class Recorder:
             for j, a in enumerate(args):
                 if isinstance(a, torch.Tensor) and a.requires_grad:
                     self._handles.append(a.register_hook(self._grad_out_hook(i, j)))
+        self.log.cpu_s += time.process_time() - c0
 
     def _grad_out_hook(self, i: int, j: int):
         def hook(g):
+            c0 = time.process_time()
             self.step.grads_out[i][j] = g.detach().cpu().clone()
+            self.log.cpu_s += time.process_time() - c0
         return hook
 
     def _post(self, module, args, output):
         if self.step is None or self.last:
             return
+        c0 = time.process_time()
         i = len(self.step.outputs)
         outs = output if isinstance(output, tuple) else (output,)
         # an input passed straight through (a skip connection) gets its own node, so the hook below
@@ -224,13 +253,16 @@ class Recorder:
         for j, o in enumerate(outs):
             if isinstance(o, torch.Tensor) and o.requires_grad:
                 self._handles.append(o.register_hook(self._grad_in_hook(i, j)))
+        self.log.cpu_s += time.process_time() - c0
         if through:
             return outs if isinstance(output, tuple) else outs[0]
         return None
 
     def _grad_in_hook(self, i: int, j: int):
         def hook(g):
+            c0 = time.process_time()
             self.step.grads_in[i][j] = g.detach().cpu().clone()
+            self.log.cpu_s += time.process_time() - c0
         return hook
 
 

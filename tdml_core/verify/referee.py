@@ -19,7 +19,7 @@ from tdml_core.config import JobSpec
 from tdml_core.data import Dataset, batches, shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.runtime.context import epoch_seed, example_microbatch, make_optimizer, new_model
-from tdml_core.verify import challenge
+from tdml_core.verify import challenge, signing
 from tdml_core.verify.recompute import Finding, StageReplay
 
 Slot = tuple[int, int]
@@ -81,32 +81,71 @@ class Referee:
             self._batches[key] = list(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline)))
         return self._batches[key].__getitem__
 
-    def replay(self, pipeline: int, stage: int, epoch: int) -> StageReplay:
+    def signers(self, pipeline: int, who: dict[Slot, str] | None = None) -> list[str]:
+        """The addresses that sign ``pipeline``'s messages, stage by stage: ``who``'s, or the slots' own keys."""
+        return [(who or {}).get((pipeline, s)) or signing.slot_address(self.spec.seed, pipeline, s)
+                for s in range(self.plan.n_stages)]
+
+    def replay(self, pipeline: int, stage: int, epoch: int, who: dict[Slot, str] | None = None) -> StageReplay:
         v = self.spec.verification
         return StageReplay(self.modules[stage], lambda ps: make_optimizer(self.spec, ps),
                            first=stage == 0, last=stage == self.plan.n_stages - 1,
                            microbatches=self.spec.microbatches, tolerance=v.tolerance,
-                           checkpoint_every=v.checkpoint_every, data=self._batch(pipeline, epoch))
+                           checkpoint_every=v.checkpoint_every, data=self._batch(pipeline, epoch),
+                           signed=(pipeline, epoch, stage, self.signers(pipeline, who)))
 
     def challenges(self, seed: bytes, records: dict[Slot, dict],
                    who: dict[Slot, str] | None = None) -> dict[Slot, list[int]]:
         """Each trainer's challenged steps, from ``seed`` (unknown when it committed) and its commitment.
 
-        ``who`` names each slot's trainer (its address, under the protocol); by default the slot ("0/1").
+        The trainers of one pipeline draw the same steps, so that what each stage sent can be held against
+        what its neighbour says it received. ``who`` (each slot's trainer) is accepted for the callers that
+        name the trainers; the draw depends on the pipeline alone.
         """
-        return {slot: challenge.pick(seed, (who or {}).get(slot, f"{slot[0]}/{slot[1]}"), int(rec["leaves"]) - 1,
-                                     self.spec.verification.checks)
+        v = self.spec.verification
+        return {slot: challenge.pick(seed, f"pipeline {slot[0]}", int(rec["leaves"]) - 1, v.checks,
+                                     every=v.checkpoint_every)
                 for slot, rec in records.items() if rec}
 
     def judge(self, epoch: int, records: dict[Slot, dict], steps: dict[Slot, list[int]],
-              reveals: dict[Slot, dict]) -> dict[Slot, Verdict]:
-        out = {}
+              reveals: dict[Slot, dict], who: dict[Slot, str] | None = None) -> dict[Slot, Verdict]:
+        """Re-run every challenged step; then hold what each stage sent against what its neighbour received.
+
+        ``who`` names the address that signs for each slot (under the protocol, its trainer's).
+        """
+        out, proven = {}, {}
         for slot, chosen in steps.items():
-            replay = self.replay(slot[0], slot[1], epoch)
+            replay = self.replay(slot[0], slot[1], epoch, who)
             verdict = Verdict(slot[0], slot[1], epoch, list(chosen))
             # the number of leaves is the referee's own count of the epoch's steps, never the trainer's word
             reveal = {**(reveals.get(slot) or {"steps": {}}), "leaves": records[slot]["leaves"]}
             for t in chosen:
                 verdict.findings.append(replay.check(reveal, records[slot]["root"], t))
             out[slot] = verdict
+            if not verdict.failed:  # every revealed leaf of its segments is in its root
+                proven[slot] = {t: e["leaf"] for t, e in reveal["steps"].items() if "leaf" in e}
+        for (p, s), leaves in sorted(proven.items()):
+            if (p, s + 1) in proven:
+                for finding in self._held_against(p, s, epoch, leaves, proven[(p, s + 1)], who):
+                    out[finding[0]].findings.append(finding[1])
         return out
+
+    def _held_against(self, pipeline: int, stage: int, epoch: int, up: dict, down: dict, who) -> list:
+        """Steps where stage ``stage``'s record of what it sent and stage ``stage + 1``'s of what it got differ.
+
+        The receiver holds the sender's signature over what it got (its check proved that): a sender whose own
+        record says otherwise signed one thing and recorded another, and the finding is against it.
+        """
+        signers = self.signers(pipeline, who)
+        found = []
+        for t in sorted(set(up) & set(down)):
+            a, b = up[t], down[t]
+            if "outputs" not in a or "inputs" not in b:
+                continue  # the end-weights leaf
+            for sender, sent, got, kind in (((pipeline, stage), a["outputs"], b["inputs"], signing.ACTIVATIONS),
+                                            ((pipeline, stage + 1), b["grads_out"], a["grads_in"], signing.GRADIENTS)):
+                if sent != got:
+                    found.append((sender, Finding(t, False, "signed", f"step {t}: it signed {kind} for its neighbour "
+                                                  f"that its own record of the step does not hold", float("inf"),
+                                                  (t, t + 1))))
+        return found
