@@ -20,14 +20,18 @@ Three parts:
    step of its epoch is checked once (the real recomputation), then many
    challenge draws of ``checks`` steps give the measured probability that a
    draw hits a failing step, beside 1 - (1 - q)^checks.
-3. Cost: an epoch of ``--long-steps`` steps (synthetic 8x8 images, batch 32) with
-   recording off and on, and the referee's CPU time for the default checks,
-   as shares of the stages' CPU time; the bytes a trainer keeps and reveals.
+3. Cost, per workload of ``--cost`` (the digits CNN on synthetic 8x8 images,
+   ResNet-18 on synthetic 32x32): an epoch with recording off and on; the
+   recording's own CPU time (timed inside each stage process: cloning, hashing,
+   signing, the Merkle root) and the referee's CPU time for the default checks,
+   as shares of the stages' other CPU time; the epoch length from which both
+   together stay under 5%; the bytes a trainer keeps and reveals.
 
     python bench/verification.py [--pipelines 4] [--seeds 5] [--epochs 3] [--from-epoch 1]
                                  [--kinds ...] [--parts catch lazy cost]
 
-Writes bench/results/verification.md and verification.json.
+Writes bench/results/verification-PART.md and .json for each part it ran, and
+verification.md, which joins the latest of every part.
 """
 
 from __future__ import annotations
@@ -43,8 +47,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
 
 from tdml_core.attacks import COMPUTE  # noqa: E402
 from tdml_core.config import ATTACK_KINDS, AttackSpec, parse_spec  # noqa: E402
@@ -69,9 +71,18 @@ def seed_bytes(*parts) -> bytes:
     return hashlib.sha256(repr(parts).encode()).digest()
 
 
+HIDDEN = ("forged_output:hidden", "forged_grad:hidden")  # forgers whose records hold the honest values
+
+
+def attack_spec(kind: str, from_epoch: int) -> AttackSpec:
+    """``kind``, or ``kind:hidden`` for a forger that keeps honest records and signs what it really sent."""
+    base, _, hidden = kind.partition(":")
+    return AttackSpec(slot=slot_of(base), kind=base, from_epoch=from_epoch, hidden=hidden == "hidden")
+
+
 def run_one(cluster, ref: Referee, spec, ds, model, kind: str | None, seed: int, epochs: int, from_epoch: int):
-    cluster.reset([] if kind is None else [AttackSpec(slot=slot_of(kind), kind=kind, from_epoch=from_epoch)])
-    attacker = None if kind is None else tuple(int(x) for x in slot_of(kind).split("/"))
+    cluster.reset([] if kind is None else [attack_spec(kind, from_epoch)])
+    attacker = None if kind is None else tuple(int(x) for x in slot_of(kind.partition(":")[0]).split("/"))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     replaced: set = set()
     epochs_out = []
@@ -104,7 +115,7 @@ def run_one(cluster, ref: Referee, spec, ds, model, kind: str | None, seed: int,
             cluster.replace(failed)
             replaced.update(failed)
     caught = [e["epoch"] for e in epochs_out if attacker is not None and list(attacker) in e["failed"]]
-    return {"kind": kind or "none", "slot": slot_of(kind) if kind else "-", "seed": seed,
+    return {"kind": kind or "none", "slot": slot_of(kind.partition(":")[0]) if kind else "-", "seed": seed,
             "caught_epoch": caught[0] if caught else None, "epochs": epochs_out,
             "final_accuracy": epochs_out[-1]["accuracy"],
             "honest_blamed": sum(len(e["honest_blamed"]) for e in epochs_out),
@@ -127,7 +138,7 @@ def catch_part(args, kinds: list[str]) -> list[dict]:
                 run = run_one(cluster, ref, spec, ds, model, kind, seed, args.epochs, args.from_epoch)
                 run["wall_s"] = time.perf_counter() - t0
                 runs.append(run)
-                print(f"  seed {seed} {run['kind']:>13}: caught at {run['caught_epoch']}, "
+                print(f"  seed {seed} {run['kind']:>20}: caught at {run['caught_epoch']}, "
                       f"honest blamed {run['honest_blamed']}, test acc {run['final_accuracy']:.3f} "
                       f"({run['wall_s']:.0f} s)", flush=True)
     return runs
@@ -162,6 +173,7 @@ def lazy_part(args) -> dict:
     plan = make_plan(spec, model, ds)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     ref = Referee(spec, plan, ds)
+    seg = spec.verification.checkpoint_every
     out_rows = []
     with PipelineCluster(spec, plan) as cluster:
         for q in args.lazy_qs:
@@ -171,7 +183,7 @@ def lazy_part(args) -> dict:
                 out = cluster.train_epoch(epoch, state)
                 rec = slot_records(out, cluster.pipeline_ids)[(0, 0)]
                 n = int(rec["leaves"]) - 1
-                every = {(0, 0): list(range(n))}
+                every = {(0, 0): list(range(0, n, seg))}  # every segment, checked once
                 verdict = ref.judge(epoch, {(0, 0): rec}, every, cluster.reveal(every))[(0, 0)]
                 failing_by_epoch.append({f.step for f in verdict.findings if not f.ok})
             for c in args.lazy_checks:
@@ -179,7 +191,8 @@ def lazy_part(args) -> dict:
                 for d in range(args.draws):
                     failing = failing_by_epoch[d % len(failing_by_epoch)]
                     for last in (True, False):
-                        hits[last] += bool(failing & set(challenge.pick(seed_bytes("lazy", q, c, d), "0/0", n, c, last)))
+                        drawn = challenge.pick(seed_bytes("lazy", q, c, d), "0/0", n, c, last, every=seg)
+                        hits[last] += bool(failing & set(drawn))
                 k = statistics.mean(len(f) for f in failing_by_epoch)
                 out_rows.append({"q": q, "checks": c, "steps": n, "failing_steps": k,
                                  "measured": hits[True] / args.draws, "measured_random": hits[False] / args.draws,
@@ -199,13 +212,22 @@ def lazy_table(lazy: dict) -> str:
     return "\n".join(lines)
 
 
-def cost_part(args) -> dict:
-    samples = int(args.long_steps * 32 * 2 / 0.8) + 64
-    base = {"data_parallel": 2, "stages": 2, "epochs": 1, "seed": 0, "top_k": 2, "batch_size": 32, "microbatches": 4,
-            "dataset": {"name": "synthetic", "synthetic": {"samples": samples, "shape": [1, 8, 8], "classes": 10}}}
+WORKLOADS = {  # name → (model, image shape, pipelines): the digits CNN on 8x8, ResNet-18 on 32x32
+    "digits_cnn": ("digits_cnn", [1, 8, 8], 2),
+    "resnet18": ("resnet18", [3, 32, 32], 2),
+}
+
+
+def cost_part(args, workload: str, n_steps: int) -> dict:
+    model_name, shape, pipelines = WORKLOADS[workload]
+    samples = int(n_steps * 32 * pipelines / 0.8) + 64
+    base = {"data_parallel": pipelines, "stages": 2, "epochs": 1, "seed": 0, "top_k": pipelines, "batch_size": 32,
+            "microbatches": 4, "model": model_name,
+            "dataset": {"name": "synthetic", "synthetic": {"samples": samples, "shape": shape, "classes": 10}}}
     rows = {}
     for enabled in (False, True):
-        spec = parse_spec({**base, "verification": {"enabled": enabled, "checkpoint_every": args.checkpoint_every}})
+        every = {"checkpoint_every": args.checkpoint_every} if args.checkpoint_every else {}
+        spec = parse_spec({**base, "verification": {"enabled": enabled, **every}})
         ds, model = load_job(spec)
         plan = make_plan(spec, model, ds)
         state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -215,7 +237,8 @@ def cost_part(args) -> dict:
             out = cluster.train_epoch(1, state)
             wall = time.perf_counter() - t0
             row = {"wall_s": wall, "stage_cpu_s": sum(sum(o["cpu_s"]) for o in out),
-                   "steps": out[0]["batches"]}
+                   "record_cpu_s": sum(sum(o["record_cpu_s"]) for o in out), "steps": out[0]["batches"],
+                   "trainers": sum(len(o["cpu_s"]) for o in out)}
             if enabled:
                 ref = Referee(spec, plan, ds)
                 records = slot_records(out, cluster.pipeline_ids)
@@ -228,32 +251,52 @@ def cost_part(args) -> dict:
                 row["referee_cpu_s"] = time.process_time() - c0
                 row["referee_wall_s"] = time.perf_counter() - t0
                 row["failed"] = sum(v.failed for v in verdicts.values())
-                row["checks_per_trainer"] = len(next(iter(steps.values())))
+                row["replayed_per_trainer"] = max(sum(f.segment[1] - f.segment[0] for f in v.findings)
+                                                  for v in verdicts.values())
                 row["kept_bytes"] = max(b for o in out for b in o["record_bytes"])
                 row["revealed_bytes"] = max(tensor_bytes(r) for r in reveals.values())
                 row["stage_bytes"] = max(sum(v.numel() * v.element_size() for v in st.values())
                                          for o in out for st in o["stages"])
             rows["on" if enabled else "off"] = row
-        print(f"  cost, recording {'on' if enabled else 'off'}: {row}", flush=True)
+        print(f"  cost {workload}, recording {'on' if enabled else 'off'}: {row}", flush=True)
     on, off = rows["on"], rows["off"]
-    return {**rows, "recording_overhead": on["stage_cpu_s"] / off["stage_cpu_s"] - 1,
-            "referee_share": on["referee_cpu_s"] / on["stage_cpu_s"],
+    work = on["stage_cpu_s"] - on["record_cpu_s"]  # the stages' CPU without their records' own
+    per_step = on["referee_cpu_s"] / (on["replayed_per_trainer"] * on["trainers"])  # referee CPU per replayed step
+    train_step = work / (on["steps"] * on["trainers"])  # a stage's CPU per trained step
+    return {"workload": workload, "steps": n_steps, **rows,
+            "recording_share": on["record_cpu_s"] / work,
+            "stage_cpu_ratio": on["stage_cpu_s"] / off["stage_cpu_s"] - 1,
+            "referee_share": on["referee_cpu_s"] / work,
+            "replay_vs_train_step": per_step / train_step,
             "wall_overhead": (on["wall_s"] + on["reveal_s"] + on["referee_wall_s"]) / off["wall_s"] - 1}
 
 
-def cost_text(cost: dict) -> str:
-    on = cost["on"]
+def cost_text(cost: dict, checks: int, every: int) -> str:
+    on, off = cost["on"], cost["off"]
+    rec, r = cost["recording_share"], cost["replay_vs_train_step"]
+    replayed = on["replayed_per_trainer"]
+    full = (math.ceil(checks / every) + 1) * every  # what the default checks replay in an epoch long enough
+    # the epoch length at which recording + the referee's replay of `replayed` steps come to 5 %
+    need = math.ceil(full * r / (0.05 - rec)) if rec < 0.05 else None
+    name = {"digits_cnn": "digits CNN on synthetic 8x8 images", "resnet18": "ResNet-18 on synthetic 32x32 images"}
     return "\n".join([
-        f"- epoch of {on['steps']} steps per trainer (2 pipelines x 2 stages, digits CNN on synthetic 8x8 images, batch 32): "
-        f"stages' CPU {cost['off']['stage_cpu_s']:.1f} s with recording off, {on['stage_cpu_s']:.1f} s on "
-        f"(recording, cloning and hashing: {cost['recording_overhead'] * 100:+.1f}%)",
-        f"- the referee's recomputation of {on['checks_per_trainer']} steps per trainer, 4 trainers: "
-        f"{on['referee_cpu_s']:.2f} s CPU = {cost['referee_share'] * 100:.1f}% of the stages' CPU; "
-        f"revealing took {on['reveal_s']:.2f} s; failed checks {on['failed']}",
-        f"- wall time of the epoch with recording, revealing and checking against the epoch without: "
+        f"- **{name[cost['workload']]}**, batch 32, {on['trainers']} trainers, an epoch of {on['steps']} steps, "
+        f"checks {checks}, checkpoint_every {every}:",
+        f"  - recording (cloning, hashing, signing and the Merkle root), timed inside each stage process: "
+        f"{on['record_cpu_s']:.2f} s CPU = **{rec * 100:.1f}%** of the stages' other CPU "
+        f"({on['stage_cpu_s'] - on['record_cpu_s']:.1f} s); stages' CPU against the same epoch unrecorded "
+        f"({off['stage_cpu_s']:.1f} s): {cost['stage_cpu_ratio'] * 100:+.1f}% (includes waiting on gloo, "
+        f"{on['trainers']} stage processes on 2 cores)",
+        f"  - the referee replayed {replayed} steps per trainer: {on['referee_cpu_s']:.2f} s CPU = "
+        f"**{cost['referee_share'] * 100:.1f}%** of the stages' CPU; a replayed step costs {r:.2f} of a trained "
+        f"one; revealing took {on['reveal_s']:.2f} s; failed checks {on['failed']}",
+        f"  - together: **{(rec + cost['referee_share']) * 100:.1f}%** of this epoch's compute; "
+        + (f"at most 5% from an epoch of {need} steps (recording {rec * 100:.1f}% + {full} replayed steps "
+           f"× {r:.2f} of a trained step)" if need else "recording alone is above 5% on this workload"),
+        f"  - wall time of the epoch with recording, revealing and checking against the epoch without: "
         f"{cost['wall_overhead'] * 100:+.1f}%",
-        f"- a trainer keeps {on['kept_bytes'] / 2**20:.1f} MiB of records for the epoch "
-        f"(its stage's weights: {on['stage_bytes'] / 2**10:.1f} KiB) and reveals "
+        f"  - a trainer keeps {on['kept_bytes'] / 2**20:.1f} MiB of records for the epoch "
+        f"(its stage's weights: {on['stage_bytes'] / 2**20:.2f} MiB) and reveals "
         f"{on['revealed_bytes'] / 2**20:.2f} MiB for its challenges",
     ])
 
@@ -264,26 +307,29 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--from-epoch", type=int, default=1)
-    ap.add_argument("--kinds", nargs="+", default=list(COMPUTE) + [k for k in ATTACK_KINDS if k not in COMPUTE],
-                    choices=ATTACK_KINDS)
+    ap.add_argument("--kinds", nargs="+", default=list(COMPUTE) + list(HIDDEN)
+                    + [k for k in ATTACK_KINDS if k not in COMPUTE], choices=list(ATTACK_KINDS) + list(HIDDEN))
     ap.add_argument("--parts", nargs="+", default=["catch", "lazy", "cost"], choices=["catch", "lazy", "cost"])
     ap.add_argument("--lazy-qs", type=float, nargs="+", default=[0.05, 0.1, 0.2])
     ap.add_argument("--lazy-checks", type=int, nargs="+", default=[1, 5, 10, 30, 66])
     ap.add_argument("--draws", type=int, default=4000)
     ap.add_argument("--lazy-epochs", type=int, default=5, help="lazy epochs (skip sets) the draws spread over")
-    ap.add_argument("--long-steps", type=int, default=1400)
-    ap.add_argument("--checkpoint-every", type=int, default=1, help="the cost part's verification.checkpoint_every")
+    ap.add_argument("--cost", nargs="+", default=["digits_cnn:1400", "resnet18:24"],
+                    help="the cost part's workloads and epoch lengths, WORKLOAD:STEPS (" + ", ".join(WORKLOADS) + ")")
+    ap.add_argument("--checkpoint-every", type=int, default=None,
+                    help="the cost part's verification.checkpoint_every (default: the spec's)")
     ap.add_argument("--out", default=str(RESULTS))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     result: dict = {"args": vars(args)}
-    md = ["# Verification of trainers' compute", "",
-          f"`python bench/verification.py {' '.join(sys.argv[1:])}`".replace("  ", " "), ""]
+    command = f"`python bench/verification.py {' '.join(sys.argv[1:])}`".replace("  ", " ").replace(" `", "`")
+    sections: dict[str, list[str]] = {}
     if "catch" in args.parts:
         print("catch table:", flush=True)
         result["runs"] = catch_part(args, args.kinds)
+        md = sections["catch"] = []
         md += [f"## Caught, by whom, when ({args.pipelines} pipelines x 2 stages, digits, {args.seeds} seeds, "
                f"{args.epochs} epochs, default checks)", "", catch_table(result["runs"], args.from_epoch), ""]
         diffs = [e["max_honest_diff"] for r in result["runs"] for e in r["epochs"]]
@@ -292,19 +338,31 @@ def main() -> None:
     if "lazy" in args.parts:
         print("lazy catch probability:", flush=True)
         result["lazy"] = lazy_part(args)
+        md = sections["lazy"] = []
         md += ["## Lazy trainer: probability that one epoch's challenges catch it", "",
                f"Digits, 2 pipelines, batch 8; the lazy trainer at 0/0, {args.lazy_epochs} epochs (each skips "
                f"its own steps). Every step recomputed once, then {args.draws} challenge draws spread over the "
                f"epochs.", "", lazy_table(result["lazy"]), ""]
     if "cost" in args.parts:
         print("cost:", flush=True)
-        result["cost"] = cost_part(args)
-        md += ["## What verification costs", "", cost_text(result["cost"]), ""]
+        every = args.checkpoint_every or parse_spec({}).verification.checkpoint_every
+        checks = parse_spec({}).verification.checks
+        result["cost"] = [cost_part(args, w, int(n)) for w, n in (c.split(":") for c in args.cost)]
+        md = sections["cost"] = ["## What verification costs", ""]
+        md += [cost_text(c, checks, every) for c in result["cost"]] + [""]
     result["total_s"] = time.perf_counter() - t0
-    md.append(f"Total time: {result['total_s']:.0f} s.")
-    (out / "verification.json").write_text(json.dumps(result, indent=1, default=str))
-    (out / "verification.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    for part, lines in sections.items():  # each part keeps its own file, so one part can be re-run alone
+        (out / f"verification-{part}.md").write_text("\n".join(
+            lines + [f"Printed by {command} in {result['total_s']:.0f} s.", ""]))
+        (out / f"verification-{part}.json").write_text(json.dumps(
+            {"args": result["args"], part: result.get({"catch": "runs"}.get(part, part))}, indent=1, default=str))
+    md = ["# Verification of trainers' compute", "", "Accuracies are on the digits test split.", ""]
+    for part in ("catch", "lazy", "cost"):
+        f = out / f"verification-{part}.md"
+        if f.exists():
+            md += [f.read_text()]
+    (out / "verification.md").write_text("\n".join(md))
+    print("\n".join(sum(sections.values(), [])))
 
 
 if __name__ == "__main__":
