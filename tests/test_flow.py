@@ -474,3 +474,74 @@ def test_a_verdict_against_an_honest_trainer_fails_the_audit_naming_it(forged_ru
 
     with pytest.raises(AuditFailure, match=r"epoch 2: the verdict on trainer 1/1 is .*'proven': True"):
         _quiet_audit(run)
+
+
+ATTACKED = {"data_parallel": 3, "stages": 1, "epochs": 4, "top_k": 2, "dataset": {"name": "digits", "limit": 600},
+            "attacks": [{"slot": "1/0", "kind": "sign_flip", "from_epoch": 1}], "protocol": {"standby_trainers": 2},
+            "detection": {"evict_after": 2, "window": 3},  # evicted on its second flag: the replacement trains once
+            "verification": {"enabled": False}}  # statistics alone: with checks on, its first epoch convicts it
+
+
+@pytest.fixture(scope="module")
+def attacked_run(tmp_path_factory) -> Path:
+    """3 pipelines x 1 stage; trainer 1/0 flips the sign of its update from epoch 1, inside its own process.
+
+    Verification is off, so what catches it is detection from the updates (the robustness path)."""
+    tmp = tmp_path_factory.mktemp("attacked")
+    out = tmp / "run"
+    done = tdml("run", _spec(tmp, **ATTACKED), "--out", out)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (tmp / "stdout.txt").write_text(done.stdout)
+    return out
+
+
+def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re_derives_it(attacked_run):
+    from tdml_core.protocol.audit import Auditor
+    from tdml_core.protocol.rewards import payout, planned_units
+
+    data = json.loads((attacked_run / "summary.json").read_text())
+    by_epoch = {e["epoch"]: {v["slot"]: v for v in e["verdicts"]} for e in data["epochs"]}
+    attacker = by_epoch[0]["1/0"]["trainer"]
+    assert not any(v["flagged"] for v in by_epoch[0].values())  # honest until epoch 1
+    assert by_epoch[1]["1/0"]["flagged"] and not by_epoch[1]["1/0"]["malicious"]  # flagged once: not yet evicted
+    assert by_epoch[2]["1/0"]["malicious"] and by_epoch[2]["1/0"]["trainer"] == attacker
+    honest = [v for e in by_epoch.values() for s, v in e.items() if v["trainer"] != attacker]
+    assert honest and not any(v["flagged"] for v in honest)  # no false accusation
+    (swap,) = data["epochs"][2]["replaced"]
+    assert swap["slot"] == "1/0" and swap["evicted"] == attacker and swap["replacement"]
+    assert by_epoch[3]["1/0"]["trainer"] == swap["replacement"] and not by_epoch[3]["1/0"]["flagged"]
+    assert data["evicted"] == ["1/0"]
+    said = {line.split(":")[0]: line for line in (attacked_run.parent / "stdout.txt").read_text().splitlines()
+            if line.startswith("epoch ")}  # what the user saw, epoch by epoch
+    assert "flagged 1/0" in said["epoch 2"] and "evicted 1/0  1/0 replaced by a standby" in said["epoch 3"]
+    assert "flagged" not in said["epoch 1"] + said["epoch 4"]
+    # the picture of the detector's view (also the run's Prefect image artifact): only epochs that flagged someone
+    assert [(attacked_run / f"verdicts-epoch-{e + 1}.png").is_file() for e in range(4)] == [False, True, True, False]
+    assert (attacked_run / "verdicts-epoch-2.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the flagged epochs of pipeline 1 stayed out of the global model; the last one is in again
+    assert [e["local"][1]["flagged"] for e in data["epochs"]] == [False, True, True, False]
+
+    lines = _quiet_audit(attacked_run)  # raises on the first mismatch
+    assert any(line.startswith("ok") and "epoch 1: " in line and "(1 flagged)" in line for line in lines)
+    job = Auditor(attacked_run, say=lambda _: None).job
+    assert job.ledger.evicted(attacker) and job.ledger.earned(attacker) == 0
+    assert job.trainer_address(1, 0) == swap["replacement"]
+    one = payout(10**18, 1, planned_units(4, 3, 1))
+    assert data["rewards"][attacker] == 0
+    assert data["rewards"][swap["replacement"]] == job.ledger.earned(swap["replacement"]) == one  # epoch 3
+    assert data["rewards"][by_epoch[0]["0/0"]["trainer"]] == payout(10**18, 4, planned_units(4, 3, 1))
+
+
+def test_a_verdict_altered_by_the_aggregator_fails_the_audit_naming_it(attacked_run, tmp_path):
+    """The aggregating server commits verdicts that clear the attacker at epoch 1: the audit re-derives and says so."""
+
+    def clear(doc):
+        (v,) = [v for v in doc["verdicts"] if v["slot"] == "1/0"]
+        v["flagged"], v["reason"] = False, "clean"
+        return doc
+
+    run = _copy(attacked_run, tmp_path)
+    _recommit_doc(run, Kind.VERDICTS, 1, 0, clear)
+
+    with pytest.raises(AuditFailure, match=r"epoch 1: the verdict on trainer 1/0 is .*'flagged': False"):
+        _quiet_audit(run)
