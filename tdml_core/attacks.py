@@ -162,8 +162,7 @@ class Tamper:
         self._stale_out: dict[int, tuple] = {}
         self._stale_grad: dict[tuple[int, int], torch.Tensor] = {}
         self._handles: list = []
-        self.hidden = False
-        self.late = False  # which set of hooks is running (see ``install_late``)
+        self.hidden = False  # a hidden forger's hooks are the late ones (``install_late``)
         self._sent: dict[str, dict] = {}
         module.register_forward_pre_hook(self._hook(self._pre, late=False))
         module.register_forward_hook(self._hook(self._post, late=False))

@@ -126,17 +126,18 @@ class Referee:
                 proven[slot] = {t: e["leaf"] for t, e in reveal["steps"].items() if "leaf" in e}
         for (p, s), leaves in sorted(proven.items()):
             if (p, s + 1) in proven:
-                for finding in self._held_against(p, s, epoch, leaves, proven[(p, s + 1)], who):
-                    out[finding[0]].findings.append(finding[1])
+                for slot, finding in self._held_against(p, s, leaves, proven[(p, s + 1)]):
+                    out[slot].findings.append(finding)
         return out
 
-    def _held_against(self, pipeline: int, stage: int, epoch: int, up: dict, down: dict, who) -> list:
+    @staticmethod
+    def _held_against(pipeline: int, stage: int, up: dict, down: dict) -> list[tuple[Slot, Finding]]:
         """Steps where stage ``stage``'s record of what it sent and stage ``stage + 1``'s of what it got differ.
 
-        The receiver holds the sender's signature over what it got (its check proved that): a sender whose own
-        record says otherwise signed one thing and recorded another, and the finding is against it.
+        Both records passed their checks, so the receiver holds the sender's signature over what it got: a
+        sender whose own record says otherwise signed one thing and recorded another, and the finding is
+        against it.
         """
-        signers = self.signers(pipeline, who)
         found = []
         for t in sorted(set(up) & set(down)):
             a, b = up[t], down[t]
