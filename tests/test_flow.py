@@ -390,15 +390,20 @@ FORGED = {"epochs": 3, "attacks": [{"slot": "0/0", "kind": "forged_output", "fro
           "protocol": {"standby_trainers": 1, "bond_wei": BOND}}  # the spec of finished_run, and one forger
 
 
-@pytest.fixture(scope="module")
-def forged_run(tmp_path_factory) -> Path:
-    """2 pipelines x 2 stages; trainer 0/0 sends made-up activations downstream from epoch 1, inside its own process."""
-    tmp = tmp_path_factory.mktemp("forged")
+def _attacked_run(tmp_path_factory, name: str, spec: dict) -> Path:
+    """One ``tdml run`` of ``spec``; what it printed goes beside the run folder, in stdout.txt."""
+    tmp = tmp_path_factory.mktemp(name)
     out = tmp / "run"
-    done = tdml("run", _spec(tmp, **FORGED), "--out", out)
+    done = tdml("run", _spec(tmp, **spec), "--out", out)
     assert done.returncode == 0, done.stderr[-3000:]
     (tmp / "stdout.txt").write_text(done.stdout)
     return out
+
+
+@pytest.fixture(scope="module")
+def forged_run(tmp_path_factory) -> Path:
+    """2 pipelines x 2 stages; trainer 0/0 sends made-up activations downstream from epoch 1, inside its own process."""
+    return _attacked_run(tmp_path_factory, "forged", FORGED)
 
 
 def test_a_forging_trainer_is_convicted_by_its_fraud_proof_forfeits_its_bond_and_is_replaced(forged_run, finished_run):
@@ -487,12 +492,7 @@ def attacked_run(tmp_path_factory) -> Path:
     """3 pipelines x 1 stage; trainer 1/0 flips the sign of its update from epoch 1, inside its own process.
 
     Verification is off, so what catches it is detection from the updates (the robustness path)."""
-    tmp = tmp_path_factory.mktemp("attacked")
-    out = tmp / "run"
-    done = tdml("run", _spec(tmp, **ATTACKED), "--out", out)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (tmp / "stdout.txt").write_text(done.stdout)
-    return out
+    return _attacked_run(tmp_path_factory, "attacked", ATTACKED)
 
 
 def test_a_sign_flipping_trainer_is_evicted_replaced_and_unpaid_and_the_audit_re_derives_it(attacked_run):
