@@ -344,7 +344,6 @@ class StageProcess:
                 works.append(dist.irecv(bufs[peer], peer, tag=7))
         for w in works:
             w.wait()
-        self._signed = {}
         for peer, buf in bufs.items():
             kind, name, field = ((signing.ACTIVATIONS, "inputs", "sig_in") if peer < a.stage
                                  else (signing.GRADIENTS, "grads_in", "sig_grads"))
