@@ -238,10 +238,7 @@ class StageProcess:
     def _step(self, xb, yb) -> list[torch.Tensor]:
         """One pipelined forward/backward of a batch; the microbatch losses on the last stage."""
         losses: list[torch.Tensor] = []
-        # the verifier replays from the store, whose tensors always have row-major strides; a batch whose
-        # strides only look like that (digits' 1-channel images are laid out channels-last) would send the
-        # convolutions down another kernel here and give results a few ulps off the replay's
-        args = (xb.to(self.device).clone(memory_format=torch.contiguous_format),) if self.is_first else ()
+        args = (xb.to(self.device),) if self.is_first else ()
         kwargs = {"target": yb.to(self.device), "losses": losses} if self.is_last else {}
         self.schedule.step(*args, **kwargs)
         return losses
