@@ -1,6 +1,10 @@
 import os
+import socket
 import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,49 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tdml-test-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("TDML_CACHE_DIR", tempfile.mkdtemp(prefix="tdml-test-cache-"))  # compiled contracts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_server(tmp_path_factory):
+    """One Prefect server for every flow the tests run (PREFECT_API_URL), instead of a temporary one per run.
+
+    A user's PREFECT_API_URL is used as it is. The runs that check what ``make demo`` does start their own."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield os.environ["PREFECT_API_URL"]
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path_factory.mktemp("prefect-server") / "server.log"
+    prefect = Path(sys.executable).with_name("prefect")
+    with open(log, "wb") as f:
+        proc = subprocess.Popen([str(prefect), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                 "--no-services", "--no-ui"], stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the Prefect server did not start: {log.read_text()[-2000:]}")
+        time.sleep(0.5)
+    os.environ["PREFECT_API_URL"] = url
+    try:
+        yield url
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(params=["embedded", "anvil"])

@@ -99,10 +99,12 @@ def prefect_cases(tmp_path_factory):
     ok = _spec(tmp, "ok")
     table = {
         "in_flow": Case(["run", ok, "--out", tmp / "in_flow"],
-                        {"PREFECT_HOME": str(tmp / "prefect-in-flow"), "TDML_TEST_FAIL_STEP": "publish task"},
+                        {"PREFECT_HOME": str(tmp / "prefect-in-flow"), "TDML_TEST_FAIL_STEP": "publish task",
+                         "PREFECT_API_URL": None},
                         tmp / "in_flow"),
         "quiet": Case(["run", ok, "--out", tmp / "quiet"],
-                      {"PREFECT_HOME": str(tmp / "prefect-quiet"), "PREFECT_LOGGING_LEVEL": "INFO"}, tmp / "quiet"),
+                      {"PREFECT_HOME": str(tmp / "prefect-quiet"), "PREFECT_LOGGING_LEVEL": "INFO",
+                       "PREFECT_API_URL": None}, tmp / "quiet"),  # the temporary server, as `make demo` runs
     }
     for case in table.values():
         case.start([])
