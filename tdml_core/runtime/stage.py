@@ -32,7 +32,7 @@ from tdml_core.data import batches, num_batches, shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
 from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer, model_for
-from tdml_core.verify import signing
+from tdml_core.verify import merkle, signing
 from tdml_core.verify.records import EpochLog, Recorder
 
 
@@ -260,10 +260,11 @@ class StageProcess:
         start = {k: v.detach().cpu().clone() for k, v in start.items()}
         flip = attack is not None and attack.kind == "label_flip" and self.is_last
         n_batches = num_batches(len(self.y), spec.batch_size)
-        gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage, "tamper")) % 2**63)
+        # a stable seed (a string's hash() changes from process to process): an attack is the same in every run
+        gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage, 0x7A3)) % 2**63)
         self.tamper.begin_epoch(attack, n_batches, gen)
         log = EpochLog(spec.verification.checkpoint_every) if spec.verification.enabled else None
-        self._signed: dict[int, list[bytes]] = {}  # per neighbour: this epoch's signatures of what it was sent
+        self._signed: dict[int, list[bytes]] = {}  # per neighbour: the hashes of what this epoch sent it
         loss_sum, n = 0.0, 0
         # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
         grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
@@ -314,7 +315,7 @@ class StageProcess:
         return None, stats
 
     def _sign_step(self, log: EpochLog, step, epoch: int, t: int) -> None:
-        """Sign the digests of what this step sent each neighbour (the signatures go at the epoch's end)."""
+        """Hash the digests of what this step sent each neighbour (signed once, at the epoch's end)."""
         a, n = self.args, self.args.plan.n_stages
         c0 = time.process_time()
         sent = self.tamper.sent_digests() or {}
@@ -322,25 +323,32 @@ class StageProcess:
                                  (a.stage - 1, signing.GRADIENTS, "grads_out")):
             if 0 <= peer < n:
                 h = signing.message_hash(a.pipeline, epoch, t, kind, a.stage, sent.get(name, step.digests(name)))
-                self._signed.setdefault(peer, []).append(signing.sign(self.sign_key, h))
+                self._signed.setdefault(peer, []).append(h)
         log.cpu_s += time.process_time() - c0
 
     def _exchange_signatures(self, log: EpochLog, epoch: int) -> None:
-        """Give each neighbour this epoch's signatures; keep, after checking each, what it signed for us.
+        """Give each neighbour one signature over this epoch's messages to it; check and keep what it gave us.
 
-        One message each way per neighbour, before anyone commits: a receiver holds, for every step, the
-        sender's signature over what arrived, or refuses the epoch naming the sender.
+        One message each way per neighbour, before anyone commits: the signature of the root over the step
+        hashes, then the step hashes. A receiver whose own hashes of what arrived give the signed root keeps
+        the signature, the root and each step's path; any other receiver refuses the epoch, naming the
+        sender and the first step that differs.
         """
-        a, n = self.args, self.args.plan.n_stages
+        a, n, steps = self.args, self.args.plan.n_stages, len(log.steps)
         c0 = time.process_time()
         works, bufs = [], {}
+        size = signing.SIGNATURE_BYTES + steps * signing.HASH_BYTES
         for peer in (a.stage - 1, a.stage + 1):
             if 0 <= peer < n:
-                mine = b"".join(self._signed.get(peer, []))
-                out = torch.frombuffer(bytearray(mine), dtype=torch.uint8) if mine else torch.zeros(0, dtype=torch.uint8)
-                works.append(dist.isend(out.to(self.device), peer, tag=7))
-                bufs[peer] = torch.zeros(len(log.steps) * signing.SIGNATURE_BYTES, dtype=torch.uint8,
-                                         device=self.device)
+                hashes = self._signed.get(peer, [])
+                kind = signing.ACTIVATIONS if peer > a.stage else signing.GRADIENTS
+                root = merkle.root(hashes) if hashes else b""
+                sig = signing.sign(self.sign_key, signing.epoch_hash(a.pipeline, epoch, kind, a.stage, root, steps)) \
+                    if hashes else b""
+                mine = (sig + b"".join(hashes)).ljust(size, b"\0")[:size]
+                works.append(dist.isend(torch.frombuffer(bytearray(mine), dtype=torch.uint8).to(self.device),
+                                        peer, tag=7))
+                bufs[peer] = torch.zeros(size, dtype=torch.uint8, device=self.device)
                 works.append(dist.irecv(bufs[peer], peer, tag=7))
         for w in works:
             w.wait()
@@ -348,13 +356,20 @@ class StageProcess:
             kind, name, field = ((signing.ACTIVATIONS, "inputs", "sig_in") if peer < a.stage
                                  else (signing.GRADIENTS, "grads_in", "sig_grads"))
             raw = bytes(buf.cpu().numpy())
-            for t, step in enumerate(log.steps):
-                sig = raw[t * signing.SIGNATURE_BYTES:(t + 1) * signing.SIGNATURE_BYTES]
-                h = signing.message_hash(a.pipeline, epoch, t, kind, peer, step.digests(name))
-                if signing.signer(h, sig) != self.peers[peer]:
-                    raise RuntimeError(f"step {t}: the {kind} from {a.pipeline}/{peer} do not carry its trainer's "
-                                       f"signature over what arrived; refusing them")
-                setattr(step, field, sig.hex())
+            sig, theirs = raw[:signing.SIGNATURE_BYTES], raw[signing.SIGNATURE_BYTES:]
+            ours = [signing.message_hash(a.pipeline, epoch, t, kind, peer, step.digests(name))
+                    for t, step in enumerate(log.steps)]
+            root, paths = merkle.all_proofs(ours) if ours else (b"", [])
+            if signing.signer(signing.epoch_hash(a.pipeline, epoch, kind, peer, root, steps), sig) != self.peers[peer]:
+                bad = next((t for t, h in enumerate(ours)
+                            if theirs[t * signing.HASH_BYTES:(t + 1) * signing.HASH_BYTES] != h), None)
+                where = f"step {bad}: " if bad is not None else ""
+                raise RuntimeError(f"{where}the {kind} from {a.pipeline}/{peer} do not carry its trainer's "
+                                   f"signature over what arrived; refusing them")
+            evidence = {"sig": sig.hex(), "root": root.hex()}
+            for step, path in zip(log.steps, paths):
+                setattr(step, field, evidence)
+                step.paths[field] = [h.hex() for h in path]
         log.cpu_s += time.process_time() - c0
 
     def _attack(self, attack, epoch: int, start: dict, state: dict, grad_sum: dict | None):

@@ -48,6 +48,18 @@ def proof(leaves: list[bytes], index: int) -> list[bytes]:
     return proof(leaves[k:], index - k) + [root(leaves[:k])]
 
 
+def all_proofs(leaves: list[bytes]) -> tuple[bytes, list[list[bytes]]]:
+    """The root and every leaf's audit path at once (``proof`` for each leaf, in O(n log n))."""
+    if not leaves:
+        raise ValueError("a Merkle tree needs at least one leaf")
+    if len(leaves) == 1:
+        return leaves[0], [[]]
+    k = _split(len(leaves))
+    left, lp = all_proofs(leaves[:k])
+    right, rp = all_proofs(leaves[k:])
+    return _node(left, right), [p + [right] for p in lp] + [p + [left] for p in rp]
+
+
 def verify(leaf: bytes, index: int, size: int, path: list[bytes], expected_root: bytes) -> bool:
     """Whether ``leaf`` is leaf ``index`` of a ``size``-leaf tree with ``expected_root``."""
     if not 0 <= index < size:

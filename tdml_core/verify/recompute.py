@@ -142,7 +142,7 @@ class StageReplay:
                 got = [tensors_digest(v if isinstance(v, tuple) else (v,)) for v in values] if values else None
                 if got != want:
                     self._fail(step, "digest", f"the revealed {name} of step {t} do not match its record", segment=seg)
-            self._signatures(step, seg, e["leaf"])
+            self._signatures(step, seg, e, n_steps)
             if self.data is not None:
                 x, y = self.data(t)
                 if self.first and [tensors_digest((m,)) for m in x.tensor_split(self.microbatches)] != \
@@ -152,18 +152,20 @@ class StageReplay:
                         [tensors_digest((v,)) for v in e["targets"]]:
                     self._fail(step, "targets", f"step {t} trained on labels other than its shard's", segment=seg)
 
-    def _signatures(self, step, seg, leaf: dict) -> None:
+    def _signatures(self, step, seg, entry: dict, n_steps: int) -> None:
         """What the record says the stage received must carry the signature of the neighbour that sent it."""
         if self.signed is None:
             return
         pipeline, epoch, stage, signers = self.signed
+        leaf, paths = entry["leaf"], entry.get("paths") or {}
         t = leaf["step"]
         for peer, kind, name, sig in ((stage - 1, signing.ACTIVATIONS, "inputs", "sig_in"),
                                       (stage + 1, signing.GRADIENTS, "grads_in", "sig_grads")):
             if not 0 <= peer < len(signers):
                 continue
-            h = signing.message_hash(pipeline, epoch, t, kind, peer, leaf.get(name))
-            if signing.signer(h, leaf.get(sig)) != signers[peer]:
+            who = signing.signed_by(pipeline, epoch, t, kind, peer, leaf.get(name), n_steps, leaf.get(sig),
+                                    paths.get(sig))
+            if who != signers[peer]:
                 self._fail(step, "signature", f"step {t}: the {kind} it says it received from stage {peer} do not "
                            f"carry that trainer's signature", segment=seg)
 

@@ -6,7 +6,7 @@ did at that step: its weights, optimizer state and random state before the step
 microbatches on the first stage, the activations from upstream elsewhere; the
 targets on the last stage; the gradients from downstream), what it sent (its
 activations downstream, its input gradients upstream), and the signatures its
-neighbours gave with what they sent (``verify/signing.py``). Leaf N holds the
+neighbours gave for the epoch's messages (``verify/signing.py``). Leaf N holds the
 digest of the committed end weights. The tensors themselves stay with the trainer
 until a challenge asks for some steps (``EpochLog.reveal``).
 
@@ -88,8 +88,12 @@ class StepData:
     outputs: list = field(default_factory=list)
     grads_in: list = field(default_factory=list)
     grads_out: list = field(default_factory=list)
-    sig_in: str | None = None  # the upstream stage's signature over the activations received (hex)
-    sig_grads: str | None = None  # the downstream stage's signature over the gradients received (hex)
+    # the upstream stage's signature over the activations received, the downstream one's over the gradients:
+    # {"sig", "root"} (hex), the sender's signature of the epoch's root over its step hashes; and this
+    # step's Merkle path under that root (hex), which goes with the step when it is revealed
+    sig_in: dict | None = None
+    sig_grads: dict | None = None
+    paths: dict = field(default_factory=dict)
     _digests: dict = field(default_factory=dict)
 
     def digests(self, name: str) -> list[str] | None:
@@ -153,6 +157,7 @@ class EpochLog:
                 if t == start:
                     entry.update(weights=s.weights, optim=s.optim, rng=s.rng)
                 entry.update({name: list(getattr(s, name)) for name in FIELDS})
+                entry["paths"] = dict(s.paths)
         return {"leaves": len(self.leaves), "steps": out}
 
     def nbytes(self) -> int:
