@@ -317,14 +317,14 @@ class StageProcess:
     def _sign_step(self, log: EpochLog, step, epoch: int, t: int) -> None:
         """Hash the digests of what this step sent each neighbour (signed once, at the epoch's end)."""
         a, n = self.args, self.args.plan.n_stages
-        c0 = time.process_time()
+        c0 = time.thread_time()
         sent = self.tamper.sent_digests() or {}
         for peer, kind, name in ((a.stage + 1, signing.ACTIVATIONS, "outputs"),
                                  (a.stage - 1, signing.GRADIENTS, "grads_out")):
             if 0 <= peer < n:
                 h = signing.message_hash(a.pipeline, epoch, t, kind, a.stage, sent.get(name, step.digests(name)))
                 self._signed.setdefault(peer, []).append(h)
-        log.cpu_s += time.process_time() - c0
+        log.cpu_s += time.thread_time() - c0
 
     def _exchange_signatures(self, log: EpochLog, epoch: int) -> None:
         """Give each neighbour one signature over this epoch's messages to it; check and keep what it gave us.
@@ -335,7 +335,7 @@ class StageProcess:
         sender and the first step that differs.
         """
         a, n, steps = self.args, self.args.plan.n_stages, len(log.steps)
-        c0 = time.process_time()
+        c0 = time.thread_time()
         works, bufs = [], {}
         size = signing.SIGNATURE_BYTES + steps * signing.HASH_BYTES
         for peer in (a.stage - 1, a.stage + 1):
@@ -370,7 +370,7 @@ class StageProcess:
             for step, path in zip(log.steps, paths):
                 setattr(step, field, evidence)
                 step.paths[field] = [h.hex() for h in path]
-        log.cpu_s += time.process_time() - c0
+        log.cpu_s += time.thread_time() - c0
 
     def _attack(self, attack, epoch: int, start: dict, state: dict, grad_sum: dict | None):
         """This trainer cheats: it commits start + the attack's update, and a gradient that agrees with it."""
