@@ -9,7 +9,10 @@ as the protocol judges it. The default detector (``two_means_pca``, the first of
 global model (``combine("top_k", ..., top_k=P)``: every unflagged one averaged), an
 evicted trainer is replaced by an honest one (``PipelineCluster.replace``: a new
 optimizer, none of the attacks) that trains from the next epoch's global model, as
-the protocol's standby does (``--no-standby`` drops its pipeline instead). The other
+the protocol's standby does (``--no-standby`` drops its pipeline instead). Each epoch's
+work is also checked, as the flow's verify step does (``--no-verify``: statistics alone):
+a failed check convicts its trainer, and the trainers of its pipeline who passed are not
+held to their statistics that epoch. The other
 detectors judge the SAME epochs post hoc (same updates, same accuracies, same
 pipelines still in the run), each with its own flag history, so their rows give
 recall, false positives and the epochs at which they would have flagged and evicted,
@@ -32,6 +35,7 @@ epoch, with the separation ratios each detector saw) and detection_projections.p
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import statistics
@@ -66,10 +70,11 @@ def slots_for(placement: str, n_pipelines: int) -> list[str]:
     raise ValueError(placement)
 
 
-def job_spec(n_pipelines: int, epochs: int, seed: int, kind: str | None, slots: list[str]):
+def job_spec(n_pipelines: int, epochs: int, seed: int, kind: str | None, slots: list[str], verify: bool = True):
     from tdml_core.config import parse_spec
 
     return parse_spec({
+        "verification": {"enabled": verify},
         "name": "detection-bench", "model": "digits_cnn", "dataset": {"name": "digits"},
         "data_parallel": n_pipelines, "stages": 2, "epochs": epochs, "seed": seed,
         "top_k": n_pipelines,  # every unflagged local model is averaged
@@ -123,8 +128,13 @@ def inside_ratio(updates: dict, stage: int, attacker: int, honest: list[int]) ->
 
 
 def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,
-            detectors: list[str], standbys: bool = True) -> dict:
+            detectors: list[str], standbys: bool = True, verify: bool = True) -> dict:
     """Train one spec on ``cluster`` (reset for it), judging every epoch with every detector; detectors[0] decides.
+
+    With ``verify`` (the protocol's default) each epoch's work is also checked, as the flow's step does:
+    the referee re-runs every trainer's challenged steps, a failed check convicts its trainer on that
+    proof, and its pipeline's trainers who passed are not held to their statistics that epoch
+    (``verify.proofs.apply``).
 
     An evicted trainer is replaced by an honest one (new optimizer, none of the attacks) that trains
     from the next epoch's global model, as the protocol's standby does; ``standbys=False`` drops its
@@ -134,11 +144,14 @@ def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: i
     from tdml_core.robust.judge import judge_epoch
     from tdml_core.robust.validate import evaluate
     from tdml_core.runtime.context import load_job
+    from tdml_core.verify import proofs
+    from tdml_core.verify.referee import Referee, slot_records
 
     slots = slots_for(placement, n_pipelines) if kind else []
-    spec = job_spec(n_pipelines, epochs, seed, kind, slots)
+    spec = job_spec(n_pipelines, epochs, seed, kind, slots, verify)
     n_stages = 2
     ds, model = load_job(spec)
+    referee = Referee(spec, cluster.plan, ds) if verify else None
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     names = {(p, s): f"{p}/{s}" for p in range(n_pipelines) for s in range(n_stages)}
     bad = set(slots)  # the attackers' trainer names (a slot's first trainer is named by the slot)
@@ -178,13 +191,22 @@ def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: i
                     honest = [q for q in active if names[(q, s)] not in bad]
                     inside[who] = inside_ratio(updates, s, p, honest)
             record = {"epoch": epoch, "active": list(active), "fresh": sorted(fresh), "accuracies": accuracies,
-                      "inside": inside, "detectors": {}}
+                      "inside": inside, "detectors": {}, "proven": {}}
+            checks: dict[int, dict] = {}
+            if referee is not None:
+                recs = {slot: r for slot, r in slot_records(locals_, cluster.pipeline_ids).items() if slot[0] in active}
+                steps = referee.challenges(hashlib.sha256(repr((seed, kind, placement, epoch)).encode()).digest(), recs)
+                for (p, s), v in referee.judge(epoch, recs, steps, cluster.reveal(steps)).items():
+                    checks.setdefault(p, {"trainers": []})["trainers"].append({"slot": f"{p}/{s}", **v.as_doc()})
+                    if v.failed:
+                        record["proven"][names[(p, s)]] = v.first_failure.what
             decision = None
             for m in detectors:
                 if not active:
                     break
                 doc = judge_epoch(accuracies, updates, grads, trainers, history[m], n_stages=n_stages,
                                   tolerance=spec.protocol.score_tolerance, detection=methods[m], fresh=sorted(fresh))
+                doc = proofs.apply(doc, checks)
                 for v in doc["verdicts"]:
                     history[m].setdefault(v["trainer"], []).append(v["flagged"])
                     if v["malicious"]:
@@ -461,6 +483,8 @@ def main() -> None:
     ap.add_argument("--no-clean", action="store_true", help="skip the clean baseline runs")
     ap.add_argument("--no-standby", action="store_true",
                     help="drop an evicted trainer's pipeline instead of replacing the trainer")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="statistics alone: no records, no re-run of the trainers' steps, no fraud proofs")
     ap.add_argument("--figure-layer", default="fc1", help="layer group drawn in the projection figure")
     ap.add_argument("--figure-epoch", type=int, default=0, help="epoch drawn in the projection figure")
     ap.add_argument("--out", default=str(RESULTS))
@@ -503,13 +527,13 @@ def main() -> None:
                         cluster.close()
                         cluster = None
                     t = time.perf_counter()
-                    base = job_spec(n, args.epochs, seed, None, [])
+                    base = job_spec(n, args.epochs, seed, None, [], not args.no_verify)
                     ds, model = load_job(base)
                     cluster, key = PipelineCluster(base, make_plan(base, model, ds)).start(), (n, seed)
                     print(f"P={n} seed {seed}: {2 * n} stage processes started in {time.perf_counter() - t:.1f} s",
                           flush=True)
                 r = run_one(cluster, n, kind, placement, seed, args.epochs, args.detectors,
-                            standbys=not args.no_standby)
+                            standbys=not args.no_standby, verify=not args.no_verify)
             except Exception as exc:  # one failed run does not lose the others
                 failures.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"[{i}/{len(jobs)}] {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
@@ -553,8 +577,13 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
         print(line)
     header = (f"# Byzantine detection\n\n`python bench/detection.py --pipelines {' '.join(map(str, args.pipelines))} "
               f"--kinds {' '.join(args.kinds)} --placements {' '.join(args.placements)} --seeds {args.seeds} "
-              f"--epochs {args.epochs} --detectors {' '.join(args.detectors)}` ({len(runs)} runs, {total_s:.0f} s)\n\n"
-              f"digits, P pipelines x 2 stages; {args.detectors[0]} decides (flagged pipelines out of the global "
+              f"--epochs {args.epochs} --detectors {' '.join(args.detectors)}"
+              + (" --no-verify" if args.__dict__.get("no_verify") else "") + f"` ({len(runs)} runs, {total_s:.0f} s)\n\n"
+              + ("statistics alone (no re-run of the trainers' work). " if args.__dict__.get("no_verify") else
+                 "Every epoch's work is checked as the flow checks it: a failed check convicts its trainer (a flag "
+                 "and an eviction in that epoch), and the trainers of its pipeline who passed are not held to "
+                 "their statistics that epoch. ")
+              + f"digits, P pipelines x 2 stages; {args.detectors[0]} decides (flagged pipelines out of the global "
               f"model, evicted trainers " + ("' pipelines dropped" if args.__dict__.get("no_standby") else
                                              "replaced by honest standbys from the next epoch") +
               f"), the other detectors judge the same epochs post hoc. "
