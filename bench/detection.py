@@ -176,7 +176,7 @@ def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: i
             accuracies: list[float | None] = [None] * n_pipelines
             for p in active:
                 model.load_state_dict(locals_[p]["state"])
-                accuracies[p] = evaluate(model, ds.test_x, ds.test_y)[0]
+                accuracies[p] = evaluate(model, ds.val_x, ds.val_y)[0]
             updates = {(p, s): _update(global_state, locals_[p]["stages"][s])
                        for p in active for s in range(n_stages)}
             # Without the store, train_epoch returns no epoch gradient. Passing the negated update makes
@@ -298,7 +298,7 @@ def table(runs: list[dict], detectors: list[str]) -> str:
         groups.setdefault((r["pipelines"], r["kind"], r["placement"]), []).append(r)
     head = ("| P | kind | placement | detector | recall | false positives (of honest) | honest evicted "
             "| first detection epoch | eviction epoch (evicted/attackers) | attacker distance / farthest honest "
-            "| final held-out accuracy (clean) |")
+            "| final test accuracy (clean) |")
     lines = [head, "|" + "---|" * 11]
     order = {k: i for i, k in enumerate(("none",) + ATTACK_KINDS + ("-",) + PLACEMENTS)}
     for (n, kind, placement), rs in sorted(groups.items(),
@@ -592,7 +592,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
               f"attacker, in the layer group where it stands out most, its update's distance to the mean of its "
               f"stage's honest updates over the largest honest distance to that mean (median and max over "
               f"epochs and seeds; below 1 it lies inside the honest cloud in every layer group). Accuracy: the "
-              f"global model on the held-out split, the one the pipelines are scored on.\n\n")
+              f"global model on the test set, which neither scoring nor detection sees (the pipelines are scored on the validation set).\n\n")
     (out / "detection.md").write_text(header + md + f"\n\n{args.detectors[0]} in short (per placement: recall, "
                                       f"attackers evicted and the mean epoch, honest trainers evicted; final "
                                       f"accuracy and its difference to the clean run in points):\n\n" + short

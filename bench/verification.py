@@ -96,7 +96,7 @@ def run_one(cluster, ref: Referee, spec, ds, model, kind: str | None, seed: int,
         scores = []
         for i in keep:
             model.load_state_dict(out[i]["state"])
-            scores.append(evaluate(model, ds.test_x, ds.test_y)[0])
+            scores.append(evaluate(model, ds.val_x, ds.val_y)[0])
         if keep:
             state, _ = top_k_average([out[i]["state"] for i in keep], scores, len(keep))
         model.load_state_dict(state)

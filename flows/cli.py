@@ -89,8 +89,8 @@ class EpochProgress:
         evicted = [v["slot"] for v in rec.get("verdicts", []) if v["malicious"] and not v.get("proven")]
         convicted = [v["slot"] for v in rec.get("verdicts", []) if v.get("proven")]
         self.console.print(
-            f"epoch {rec['epoch'] + 1}: global accuracy {rec['global_accuracy']:.4f}  "
-            f"loss {rec['global_loss']:.4f}  ({rec['wall_s']:.1f} s)" + (f"  local {local}" if local else "")
+            f"epoch {rec['epoch'] + 1}: global test accuracy {rec['global_accuracy']:.4f}  "
+            f"loss {rec['global_loss']:.4f}  ({rec['wall_s']:.1f} s)" + (f"  local (validation) {local}" if local else "")
             + (f"  restarted trainers {' '.join(rec['restarted'])} (optimizer state lost)" if rec.get("restarted")
                else "")
             + (f"  flagged {' '.join(flagged)}" if flagged else "")
@@ -131,7 +131,7 @@ def _run(args, fn, title: str) -> int:
     path = write_summary(out, summary(spec, result))
     plot_epochs(result.epochs, out / "accuracy.png", f"{spec.name} ({result.mode})")
     console.print(
-        f"final accuracy {result.final_accuracy:.4f} in {result.wall_s:.1f} s; wrote {path} and {out / 'accuracy.png'}"
+        f"final test accuracy {result.final_accuracy:.4f} in {result.wall_s:.1f} s; wrote {path} and {out / 'accuracy.png'}"
     )
     return 0
 
@@ -283,7 +283,7 @@ def cmd_run(args) -> int:
         console.print(f"resumed job {data['job_id']} after epoch {data['resumed_from']}")
     paid = sum(data["rewards"].values())
     console.print(
-        f"job {data['job_id']}: final accuracy {data['final_accuracy']:.4f} in {data['wall_s']:.1f} s; "
+        f"job {data['job_id']}: final test accuracy {data['final_accuracy']:.4f} in {data['wall_s']:.1f} s; "
         f"{len([w for w in data['rewards'].values() if w > 0])} participants paid {paid} wei, "
         f"refund {data['refund_wei']} wei, {data['chain']['tx_count']} transactions\n"
         f"wrote {out / 'summary.json'} and {out / 'accuracy.png'}; check it with: tdml audit {out}"

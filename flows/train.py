@@ -4,9 +4,10 @@
     2. hire parameter servers  servers register with their keys, the client hires one per pipeline
     3. hire trainers           servers post hiring, trainers offer, one hired per stage; the ledger opens
     4. key exchange            each participant is sealed only the keys it needs
-    5. shard model             plans, data shards, the eval set, the initial model and stage inputs sealed
+    5. shard model             plans, data shards, the validation set, the initial model and stage inputs sealed
     per epoch:
-    6. train epoch             one tdml-pipeline-epoch run per pipeline, concurrently; each trainer commits
+    6. train epoch             one task per pipeline, concurrently (on a work pool: a tdml-pipeline-epoch
+                               flow run there); each trainer commits
                                its weights, epoch gradient and the Merkle root of its records in one transaction
     7. cross-validate          the next server round the ring scores each local model, commits the score
        verify work             the same server draws each trainer's steps from a later block's hash, the
@@ -39,7 +40,7 @@ from tasks.protocol import (
 from tdml_core.config import load_spec
 from tdml_core.protocol.job import Job, forget_job, remember_job
 from tdml_core.protocol.rewards import validator_of
-from tdml_core.report import epoch_table, markdown_summary, plot_epochs, plot_verdicts, png_data_url, write_summary
+from tdml_core.report import ACCURACY_SETS, epoch_table, markdown_summary, plot_epochs, plot_verdicts, png_data_url, write_summary
 
 # Called with each finished epoch's record (the command's progress display listens here).
 EPOCH_LISTENERS: list[Callable[[dict], None]] = []
@@ -64,6 +65,7 @@ class RunLog:
         self.data = {
             "job": job.spec.model_dump(mode="json"),
             "mode": "tdml-run",
+            "accuracy_sets": ACCURACY_SETS,
             "status": status,
             "job_id": job.job_id,
             "chain": {"url": job.ref.chain, "chain_id": job.chain.chain_id, "market": job.ref.market,
@@ -86,7 +88,7 @@ class RunLog:
         self._write("running")
         create_table_artifact(
             table=epoch_table(record), key=f"tdml-job-{self.job.job_id}-epoch-{record['epoch']}",
-            description=f"epoch {record['epoch'] + 1}: global accuracy {record['global_accuracy']:.4f}, "
+            description=f"epoch {record['epoch'] + 1}: global test accuracy {record['global_accuracy']:.4f}, "
                         f"global model {record['global_model_cid']}",
         )
         for listen in EPOCH_LISTENERS:
@@ -109,7 +111,7 @@ class RunLog:
         png = plot_epochs(self.epochs, self.job.out / "accuracy.png", f"{self.job.spec.name} (job {self.job.job_id})")
         key = f"tdml-job-{self.job.job_id}"
         create_image_artifact(image_url=png_data_url(png), key=f"{key}-accuracy",
-                              description="global accuracy and loss per epoch")
+                              description="global test accuracy and loss per epoch")
         create_markdown_artifact(markdown=markdown_summary(data), key=f"{key}-summary",
                                  description="job, contracts, global model, payments")
         return data
@@ -237,6 +239,8 @@ def _record(job: Job, epoch: int, attempt: int, trained: dict, scores: list, ver
         "attempt": attempt,
         "global_accuracy": result["global_accuracy"],
         "global_loss": result["global_loss"],
+        "global_val_accuracy": result["global_val_accuracy"],
+        "global_val_loss": result["global_val_loss"],
         "global_model_cid": result["global_model_cid"],
         "local": [
             {"pipeline": p, "accuracy": sc["accuracy"], "loss": sc["loss"], "train_loss": trained[p].get("train_loss"),

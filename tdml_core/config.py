@@ -34,7 +34,9 @@ class SyntheticSpec(_Strict):
 class DatasetSpec(_Strict):
     name: Literal["digits", "cifar10", "synthetic"] = "digits"
     path: Path | None = None  # CIFAR-10 folder (the python-pickle layout)
-    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits and synthetic
+    test_fraction: float = Field(default=0.2, gt=0, lt=1)  # digits and synthetic: the test set every accuracy is
+    # reported on; nothing but the final report sees it
+    validation_fraction: float = Field(default=0.15, gt=0, lt=1)  # of the training data: scores the local models
     limit: int | None = Field(default=None, gt=0)  # use only the first N training samples
     synthetic: SyntheticSpec = SyntheticSpec()
 
@@ -132,6 +134,11 @@ class AggregationSpec(_Strict):
     f: int = Field(default=1, ge=0)  # trimmed_mean, multi_krum: how many may be Byzantine
     tau: float = Field(default=1.0, gt=0)  # centered_clip: the clipping radius
     iters: int = Field(default=1, ge=1)  # centered_clip
+    # the outer optimizer (tdml_core.robust.outer): the global model moves by lr × the combined update, with
+    # (Nesterov) momentum; lr 1 and momentum 0 is plain averaging
+    outer_lr: float = Field(default=1.0, gt=0, le=10)
+    outer_momentum: float = Field(default=0.0, ge=0, lt=1)
+    nesterov: bool = True
 
 
 GENERATE = "generate"

@@ -1,4 +1,10 @@
-"""Datasets and their deterministic sharding.
+"""Datasets, their three disjoint sets, and the training set's deterministic sharding.
+
+Every dataset is cut three ways: the training set (sharded over the pipelines), the
+validation set carved from the client's training data (it scores the local models:
+cross-validation, top-K selection and detection see only it), and the test set that
+every reported accuracy comes from and that nothing in training, selection, detection
+or aggregation ever sees.
 
 - digits: scikit-learn's 8x8 handwritten digits (shipped with the package, no download)
 - cifar10: read from a local folder in the standard python-pickle layout
@@ -33,6 +39,8 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
+    val_x: torch.Tensor | None = None  # scores local models (cross-validation, selection, detection)
+    val_y: torch.Tensor | None = None
 
     @property
     def in_channels(self) -> int:
@@ -42,7 +50,10 @@ class Dataset:
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
-    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=y)
+    counts = np.bincount(y)
+    # stratified when every class can give at least one sample to each side
+    stratify = y if counts[counts > 0].min() >= 2 and round(len(y) * test_fraction) >= (counts > 0).sum() else None
+    return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=stratify)
 
 
 def _digits(spec: DatasetSpec, seed: int):
@@ -105,19 +116,33 @@ def _synthetic(spec: DatasetSpec, seed: int):
 _LOADERS = {"digits": _digits, "cifar10": _cifar10, "synthetic": _synthetic}
 
 
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    """Row-major strides, exactly as a tensor read back from the store has them.
+
+    NumPy gives a size-1 dimension whatever stride its history left (digits' one channel
+    came out with stride 1), and PyTorch reads such a batch as channels-last and takes
+    another convolution kernel: results a few ulps apart that grow over epochs, between a
+    stage that got its shard from the store and one that did not, and between a trainer
+    and the verifier that replays it.
+    """
+    return torch.from_numpy(np.ascontiguousarray(a)).clone(memory_format=torch.contiguous_format)
+
+
 def load_dataset(spec: DatasetSpec, seed: int = 0) -> Dataset:
-    """The whole training set and the fixed test set, as float32 / int64 tensors."""
-    tx, ty, vx, vy, classes = _LOADERS[spec.name](spec, seed)
+    """The training, validation and test sets, as float32 / int64 tensors.
+
+    The validation set is ``validation_fraction`` of the training data, stratified,
+    carved before ``limit`` so that it does not shrink with it.
+    """
+    tx, ty, test_x, test_y, classes = _LOADERS[spec.name](spec, seed)
+    if len(ty) * spec.validation_fraction < 1 or len(ty) * (1 - spec.validation_fraction) < 1:
+        raise DatasetError(f"validation_fraction {spec.validation_fraction} of {len(ty)} training samples "
+                           "leaves no sample on one side")
+    tx, val_x, ty, val_y = _split(tx, ty, spec.validation_fraction, seed + 1)
     if spec.limit is not None:
         tx, ty = tx[: spec.limit], ty[: spec.limit]
-    return Dataset(
-        name=spec.name,
-        train_x=torch.from_numpy(np.ascontiguousarray(tx)),
-        train_y=torch.from_numpy(np.ascontiguousarray(ty)),
-        test_x=torch.from_numpy(np.ascontiguousarray(vx)),
-        test_y=torch.from_numpy(np.ascontiguousarray(vy)),
-        num_classes=classes,
-    )
+    return Dataset(name=spec.name, train_x=_tensor(tx), train_y=_tensor(ty), test_x=_tensor(test_x),
+                   test_y=_tensor(test_y), num_classes=classes, val_x=_tensor(val_x), val_y=_tensor(val_y))
 
 
 def shard_indices(n: int, n_shards: int, seed: int) -> list[np.ndarray]:

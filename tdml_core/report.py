@@ -7,11 +7,21 @@ from pathlib import Path
 
 from tdml_core.config import JobSpec
 
+# which set each accuracy of a summary comes from
+ACCURACY_SETS = {
+    "final_accuracy, global_accuracy, global_loss": "test set: the client's own, never seen by training, "
+                                                    "cross-validation, selection, detection or aggregation",
+    "global_val_accuracy, global_val_loss, local accuracy and loss": "validation set, carved from the client's "
+                                                                     "training data: it scores and selects the "
+                                                                     "local models",
+}
+
 
 def summary(spec: JobSpec, result, **extra) -> dict:
     out = {
         "job": spec.model_dump(mode="json"),
         "mode": result.mode,
+        "accuracy_sets": ACCURACY_SETS,
         "epochs": result.epochs,
         "final_accuracy": result.final_accuracy,
         "wall_s": result.wall_s,
@@ -34,7 +44,7 @@ def write_summary(out_dir: str | Path, data: dict) -> Path:
 
 
 def plot_epochs(epochs: list[dict], path: str | Path, title: str = "") -> Path:
-    """Global test accuracy and loss per epoch, each pipeline's local accuracy faint behind."""
+    """Global test accuracy and loss per epoch, each pipeline's local (validation) accuracy faint behind."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,9 +55,9 @@ def plot_epochs(epochs: list[dict], path: str | Path, title: str = "") -> Path:
     n_local = max((len(e["local"]) for e in epochs), default=0)
     for p in range(n_local):
         ys = [e["local"][p]["accuracy"] for e in epochs if len(e["local"]) > p]
-        ax_acc.plot(xs[: len(ys)], ys, color="grey", alpha=0.35, lw=1, label="local models" if p == 0 else None)
-    ax_acc.plot(xs, [e["global_accuracy"] for e in epochs], marker="o", label="global model")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy", title="accuracy")
+        ax_acc.plot(xs[: len(ys)], ys, color="grey", alpha=0.35, lw=1, label="local models (validation)" if p == 0 else None)
+    ax_acc.plot(xs, [e["global_accuracy"] for e in epochs], marker="o", label="global model (test)")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="accuracy")
     ax_acc.legend(loc="lower right")
     ax_loss.plot(xs, [e["global_loss"] for e in epochs], marker="o", color="tab:red")
     ax_loss.set(xlabel="epoch", ylabel="test cross-entropy", title="loss")
@@ -145,7 +155,7 @@ def markdown_summary(data: dict) -> str:
         f"| ledger | `{chain['ledger']}` |",
         f"| store | `{data['store']}` |",
         f"| global model | `{last.get('global_model_cid', '-')}` |",
-        f"| final accuracy | {data['final_accuracy']:.4f} after {len(data['epochs'])} epochs |",
+        f"| final accuracy | {data['final_accuracy']:.4f} (test set) after {len(data['epochs'])} epochs |",
         f"| evicted | {', '.join(data['evicted']) or 'nobody'} |",
         f"| refund | {data['refund_wei']} wei |",
         "",

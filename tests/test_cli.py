@@ -52,7 +52,7 @@ def test_train_and_baselines_write_summaries(tmp_path):
     )
     r = tdml("train", str(spec), "--out", str(tmp_path / "t"))
     assert r.returncode == 0, r.stderr
-    assert "epoch 2: global accuracy" in r.stdout
+    assert "epoch 2: global test accuracy" in r.stdout
     s = json.loads((tmp_path / "t" / "summary.json").read_text())
     assert s["job"]["data_parallel"] == 2 and s["mode"] == "tdml"
     assert [e["epoch"] for e in s["epochs"]] == [0, 1]
@@ -60,11 +60,12 @@ def test_train_and_baselines_write_summaries(tmp_path):
         assert sum(lc["selected"] for lc in e["local"]) == 1
         best = max(e["local"], key=lambda lc: lc["accuracy"])
         assert best["selected"]
-    assert s["final_accuracy"] == s["epochs"][-1]["global_accuracy"] > 0.7
+    assert s["final_accuracy"] == s["epochs"][-1]["global_accuracy"] > 0.6  # 2 epochs; chance is 0.1
+    assert "test set" in s["accuracy_sets"]["final_accuracy, global_accuracy, global_loss"]
     assert (tmp_path / "t" / "accuracy.png").stat().st_size > 1000
 
     for kind in ("single", "fedavg"):
         r = tdml("baseline", kind, str(spec), "--out", str(tmp_path / kind))
         assert r.returncode == 0, r.stderr
         b = json.loads((tmp_path / kind / "summary.json").read_text())
-        assert b["mode"] == kind and b["final_accuracy"] > 0.7
+        assert b["mode"] == kind and b["final_accuracy"] > 0.6

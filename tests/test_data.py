@@ -7,14 +7,32 @@ from tdml_core.config import DatasetSpec
 from tdml_core.data import DatasetError, batches, load_dataset, shard_indices
 
 
-def test_digits_is_shipped_and_split_stratified():
+def _rows(x) -> set[bytes]:
+    return {r.numpy().tobytes() for r in x.reshape(len(x), -1)}
+
+
+def test_digits_is_shipped_and_split_three_ways_stratified():
     ds = load_dataset(DatasetSpec(name="digits"), seed=0)
     assert ds.train_x.shape[1:] == (1, 8, 8) and ds.num_classes == 10
-    assert len(ds.train_y) + len(ds.test_y) == 1797
-    assert len(ds.test_y) == 360
-    assert set(ds.test_y.tolist()) == set(range(10))
+    assert len(ds.train_y) + len(ds.val_y) + len(ds.test_y) == 1797
+    assert len(ds.test_y) == 360 and len(ds.val_y) == 216 and len(ds.train_y) == 1221  # 15 % of the 1437
+    assert set(ds.test_y.tolist()) == set(range(10)) and set(ds.val_y.tolist()) == set(range(10))
+    # stratified: every class's share of the validation set within a sample of its share of the training set
+    for c in range(10):
+        assert abs(int((ds.val_y == c).sum()) - 216 * float((ds.train_y == c).float().mean())) <= 1.5
+    train, val, test = _rows(ds.train_x), _rows(ds.val_x), _rows(ds.test_x)
+    assert len(train) == 1221 and not (val & test) and not (val & train) and not (test & train)  # disjoint
     again = load_dataset(DatasetSpec(name="digits"), seed=0)
-    assert (again.test_y == ds.test_y).all()
+    assert (again.test_y == ds.test_y).all() and (again.val_y == ds.val_y).all()
+    # the validation set does not shrink with `limit`, and it is the same set
+    small = load_dataset(DatasetSpec(name="digits", limit=300), seed=0)
+    assert len(small.train_y) == 300 and (small.val_y == ds.val_y).all()
+
+
+def test_a_validation_fraction_that_leaves_nothing_is_refused():
+    with pytest.raises(DatasetError, match="validation_fraction"):
+        load_dataset(DatasetSpec(name="synthetic", synthetic={"samples": 8, "shape": (1, 2, 2), "classes": 2},
+                                 validation_fraction=0.01), seed=0)
 
 
 def test_shards_are_disjoint_cover_and_deterministic():
@@ -50,7 +68,8 @@ def _write_cifar(folder, per_batch=20):
 def test_cifar10_from_a_local_folder(tmp_path):
     _write_cifar(tmp_path / "cifar-10-batches-py")
     ds = load_dataset(DatasetSpec(name="cifar10", path=tmp_path), seed=0)
-    assert ds.train_x.shape == (100, 3, 32, 32) and ds.test_x.shape == (20, 3, 32, 32)
+    assert ds.train_x.shape == (85, 3, 32, 32) and ds.val_x.shape == (15, 3, 32, 32)
+    assert ds.test_x.shape == (20, 3, 32, 32)
     assert ds.num_classes == 10
     assert abs(float(ds.train_x.mean())) < 1.0  # normalised, not raw bytes
 
@@ -68,4 +87,13 @@ def test_synthetic_is_learnable_shape():
     spec = DatasetSpec(name="synthetic", synthetic={"samples": 500, "shape": (3, 4, 4), "classes": 5})
     ds = load_dataset(spec, seed=3)
     assert ds.train_x.shape[1:] == (3, 4, 4) and ds.num_classes == 5
-    assert len(ds.train_y) + len(ds.test_y) == 500
+    assert len(ds.train_y) + len(ds.val_y) + len(ds.test_y) == 500
+
+
+def test_every_set_has_the_row_major_strides_of_a_tensor_read_back_from_the_store():
+    """A size-1 channel with NumPy's stride reads as channels-last and takes another convolution kernel."""
+    from tdml_core.artifacts import state_bytes, state_from_bytes
+
+    ds = load_dataset(DatasetSpec(name="digits"), seed=0)
+    for x in (ds.train_x, ds.val_x, ds.test_x):
+        assert x.stride() == (64, 64, 8, 1) == state_from_bytes(state_bytes({"x": x}))["x"].stride()

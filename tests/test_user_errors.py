@@ -189,8 +189,8 @@ def test_a_negative_seed_is_refused(cases):
 
 
 def test_a_batch_larger_than_a_pipelines_shard_is_refused(cases):
-    _one_clear_line(cases["batch"], 2, "batch_size (800)", "1437 training samples", "data_parallel (2)",
-                    "718 samples per shard")
+    _one_clear_line(cases["batch"], 2, "batch_size (800)", "1221 training samples", "data_parallel (2)",
+                    "610 samples per shard")
     _before_prefect(cases["batch"])
 
 
@@ -322,7 +322,7 @@ def test_run_is_quiet_and_prefects_logs_are_in_the_run_folder(prefect_cases):
     case = prefect_cases["quiet"]
     rc, text = case.result()
     assert rc == 0, text
-    assert "final accuracy" in text and "epoch 1: global accuracy" in text
+    assert "final test accuracy" in text and "epoch 1: global test accuracy" in text
     for prefect_line in ("Finished in state", "Starting temporary server", "Beginning flow run", " | INFO ",
                          " | WARNING ", "Task run", "Flow run"):
         assert prefect_line not in text, text

@@ -4,7 +4,8 @@ The auditor holds the client's key (to open the job's keys) and nothing the
 run computed: it re-executes the chain (embedded runs), reads every commitment
 of the job's ledger, checks that each was signed by its slot's rightful writer,
 fetches every committed id and checks its bytes and digest, loads every local
-model, re-scores them on the committed eval set, re-draws every trainer's
+model, re-scores them on the committed validation set (and the global models on
+the client's test set, derived from the committed spec), re-draws every trainer's
 challenged steps from the block hash after its commitments and re-runs them on
 what it revealed (an accusation the evidence does not support fails), re-applies detection and the
 top-K rule to rebuild each global model, recounts the work the contract paid
@@ -71,6 +72,20 @@ class Auditor:
         except Exception as exc:  # a damaged address, a journal of another run: say which, in one line
             raise _opening_error(exc) from None
         self.opened: dict[Slot, object] = {}
+
+    def has_test_set(self) -> bool:
+        """Whether the client's test set (derived from the committed spec's dataset) is on this machine."""
+        if not hasattr(self, "_test_set"):
+            from tdml_core.data import DatasetError
+
+            try:
+                self.job.test_set()
+                self._test_set = True
+            except DatasetError as exc:
+                self._test_set = False
+                self.say(f"note: the client's test set is not here ({exc}): the reported test accuracies are not "
+                         "re-derived; the validation scores are")
+        return self._test_set
 
     def ok(self, message: str) -> None:
         self.say(f"ok    {message}")
@@ -230,7 +245,7 @@ class Auditor:
         return out
 
     def check_epochs(self) -> None:
-        from tdml_core.protocol.steps import global_model, judge, score, stage_keys
+        from tdml_core.protocol.steps import global_model, judge, reported_score, score, stage_keys
 
         job, spec = self.job, self.job.spec
         epochs = job.ledger.global_epochs
@@ -303,12 +318,14 @@ class Auditor:
             if set(got) != set(want) or any(not torch.allclose(got[k].double(), want[k].double(), atol=1e-6, rtol=0)
                                             for k in want):
                 self.fail(f"epoch {e}: the committed global model is not {rule} of local models {chosen}")
-            g_acc, g_loss = score(job, got)
+            g_val, g_val_loss = score(job, got)
+            g_acc, g_loss = reported_score(job, got) if self.has_test_set() else (None, None)
             self.derived.append({"epoch": e, "attempt": a, "scores": [sc for sc in scores if sc is not None],
                                  "flagged": expect["flagged"], "chosen": chosen,
                                  "verdicts": [{k: x for k, x in v.items() if k != "evidence"}
                                               for v in committed["verdicts"]],
                                  "global_accuracy": g_acc, "global_loss": g_loss,
+                                 "global_val_accuracy": g_val, "global_val_loss": g_val_loss,
                                  "global_model_cid": job.must(e, Kind.GLOBAL, attempt=a).cid})
             previous = got
             accs = ", ".join("dropped" if d is None else f"{d['accuracy']:.4f}" for d in scores)
@@ -428,8 +445,11 @@ class Auditor:
         same("epoch count", len(epochs), len(self.derived))
         for rec, d in zip(epochs, self.derived):
             e = d["epoch"]
-            same(f"epoch {e} global_accuracy", rec.get("global_accuracy"), d["global_accuracy"], close=True)
-            same(f"epoch {e} global_loss", rec.get("global_loss"), d["global_loss"], close=True)
+            if d["global_accuracy"] is not None:  # the client's test set is here
+                same(f"epoch {e} global_accuracy", rec.get("global_accuracy"), d["global_accuracy"], close=True)
+                same(f"epoch {e} global_loss", rec.get("global_loss"), d["global_loss"], close=True)
+            same(f"epoch {e} global_val_accuracy", rec.get("global_val_accuracy"), d["global_val_accuracy"], close=True)
+            same(f"epoch {e} global_val_loss", rec.get("global_val_loss"), d["global_val_loss"], close=True)
             same(f"epoch {e} global_model_cid", rec.get("global_model_cid"), d["global_model_cid"])
             same(f"epoch {e} attempt", rec.get("attempt"), d["attempt"])
             same(f"epoch {e} verdicts", rec.get("verdicts"), d["verdicts"])
@@ -440,7 +460,7 @@ class Auditor:
                 same(f"epoch {e} pipeline {p} accuracy", lc.get("accuracy"), sc["accuracy"], close=True)
                 same(f"epoch {e} pipeline {p} flagged", lc.get("flagged"), d["flagged"][p])
                 same(f"epoch {e} pipeline {p} selected", lc.get("selected"), p in d["chosen"])
-        if self.derived:
+        if self.derived and self.derived[-1]["global_accuracy"] is not None:
             same("final_accuracy", data.get("final_accuracy"), self.derived[-1]["global_accuracy"], close=True)
         same("rewards", data.get("rewards"), self.rewards)
         same("refund_wei", data.get("refund_wei"), self.refund)

@@ -279,11 +279,22 @@ class Job:
 
     # -- what validators and aggregators need -----------------------------------------
     def eval_set(self) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """The set local models are scored on (servers and the client hold its key, trainers do not)."""
+        """The validation set local models are scored on (servers and the client hold its key, trainers do not)."""
         if self._eval is None:
             doc = self.get_state(self.must(0, Kind.EVAL), Kind.EVAL)
             self._eval = (doc["x"], doc["y"], int(doc["num_classes"]))
         return self._eval
+
+    def test_set(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The client's own test set: never sealed, never scored by a server; every reported accuracy is on it.
+
+        The audit derives it from the committed spec, as the client did (``DatasetError`` if that data is not here).
+        """
+        if self.client_data is None:
+            from tdml_core.data import load_dataset
+
+            self.client_data = load_dataset(self.spec.dataset, self.spec.seed)
+        return self.client_data.test_x, self.client_data.test_y
 
     def new_model(self) -> torch.nn.Module:
         from tdml_core.runtime.context import model_for

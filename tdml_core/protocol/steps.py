@@ -284,7 +284,8 @@ def shard_model(job: Job) -> dict:
             plan_doc = {"plan": job.plan.to_dict(), "trainers": [t.address for t in job.people.trainers_of(p)]}
             cid, dig = job.put_doc(Kind.PLAN, plan_doc, p)
             job.commit_once(server, Slot(0, Kind.PLAN, p), cid, dig)
-    # the client's data: one shard per pipeline under that pipeline's key, the eval set under the servers'
+    # the client's data: one shard per pipeline under that pipeline's key, the validation set under the servers';
+    # the test set stays with the client
     ds = job.client_data
     classes = torch.tensor(ds.num_classes)
     for p in range(spec.data_parallel):
@@ -293,7 +294,7 @@ def shard_model(job: Job) -> dict:
             cid, dig = job.put_state(Kind.DATA, {"x": x, "y": y, "num_classes": classes}, p)
             job.commit_once(client, Slot(0, Kind.DATA, p), cid, dig)
     if job.commitment(0, Kind.EVAL) is None:
-        cid, dig = job.put_state(Kind.EVAL, {"x": ds.test_x, "y": ds.test_y, "num_classes": classes})
+        cid, dig = job.put_state(Kind.EVAL, {"x": ds.val_x, "y": ds.val_y, "num_classes": classes})
         job.commit_once(client, Slot(0, Kind.EVAL), cid, dig)
     init = job.commitment(0, Kind.INIT)
     if init is None:
@@ -369,10 +370,18 @@ def local_model(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
 
 
 def score(job: Job, state: dict) -> tuple[float, float]:
+    """(accuracy, loss) of a model on the validation set: what servers score and select with."""
     model = job.new_model()
     model.load_state_dict(state)
     x, y, _ = job.eval_set()
     return evaluate(model, x, y)
+
+
+def reported_score(job: Job, state: dict) -> tuple[float, float]:
+    """(accuracy, loss) of a model on the client's test set: what is reported, never what selects."""
+    model = job.new_model()
+    model.load_state_dict(state)
+    return evaluate(model, *job.test_set())
 
 
 # -- 7. cross-validate --------------------------------------------------------------------
@@ -652,23 +661,78 @@ def replace_evicted(job: Job, verdicts: dict | None = None) -> list[dict]:
 
 
 # -- 9. aggregate ---------------------------------------------------------------------------
+def epoch_start(job: Job, epoch: int) -> dict:
+    """The global model ``epoch`` started from, put together from the stage inputs the aggregator committed."""
+    start = {}
+    for s in range(job.n_stages):
+        start.update(job.get_state(job.must(epoch, Kind.STAGE, 0, s), Kind.STAGE, stage=s))
+    return start
+
+
+def committed_scores(job: Job, epoch: int, attempt: int) -> list[dict | None]:
+    """Each pipeline's committed score of ``epoch`` (None: the pipeline was dropped)."""
+    out = []
+    for p in range(job.spec.data_parallel):
+        c = job.commitment(epoch, Kind.SCORE, p, 0, attempt)
+        out.append(None if c is None else job.get_doc(c, Kind.SCORE, p))
+    return out
+
+
+def outer_buffer(job: Job, epoch: int) -> dict | None:
+    """The outer optimizer's momentum buffer after ``epoch``, re-derived from the committed epochs (cached).
+
+    A function of each epoch's start and combination alone, so a resumed run and the audit
+    reach the one the uninterrupted run held.
+    """
+    from tdml_core.robust.combine import combine
+    from tdml_core.robust.outer import outer_step
+
+    agg = job.spec.aggregation
+    cache = job.__dict__.setdefault("_outer_buffers", {})
+    if epoch < 0 or agg.outer_momentum == 0.0:
+        return None
+    for e in range(epoch + 1):
+        if e in cache:
+            continue
+        a = job.attempt(e)
+        scores = committed_scores(job, e, a)
+        verdicts = job.get_doc(job.must(e, Kind.VERDICTS, attempt=a), Kind.VERDICTS)
+        start = epoch_start(job, e)
+        eligible = [p for p, bad in enumerate(verdicts["flagged"]) if not bad and scores[p] is not None]
+        states = {p: local_model(job, p, e, a) for p in eligible}
+        combined, _, _ = combine(agg.rule, start, states, [None if sc is None else sc["accuracy"] for sc in scores],
+                                 eligible, top_k=job.spec.top_k, f=agg.f, tau=agg.tau, iters=agg.iters)
+        cache[e] = outer_step(start, combined, cache.get(e - 1), lr=agg.outer_lr, momentum=agg.outer_momentum,
+                              nesterov=agg.nesterov)[1]
+    return cache[epoch]
+
+
 def global_model(job: Job, epoch: int, attempt: int, scores: list[dict | None], verdicts: dict,
                  start: dict | None = None) -> tuple[dict, list[int], str]:
-    """The rule the spec names over the unflagged local models (the audit calls it too)."""
+    """The rule the spec names over the unflagged local models, then the outer step (the audit calls it too)."""
     from tdml_core.robust.combine import combine
+    from tdml_core.robust.outer import is_plain, outer_step
 
     agg = job.spec.aggregation
     eligible = [p for p, bad in enumerate(verdicts["flagged"]) if not bad and scores[p] is not None]
     if not eligible:
         raise ProtocolError(f"epoch {epoch}: every local model was flagged; there is nothing to aggregate")
-    if start is None and agg.rule != "top_k":
-        start = {}
-        for s in range(job.n_stages):
-            start.update(job.get_state(job.must(epoch, Kind.STAGE, 0, s), Kind.STAGE, stage=s))
+    plain = is_plain(agg.outer_lr, agg.outer_momentum)
+    if start is None and (agg.rule != "top_k" or not plain):
+        start = epoch_start(job, epoch)
     states = {p: local_model(job, p, epoch, attempt) for p in eligible}
     accs = [None if sc is None else sc["accuracy"] for sc in scores]
-    return combine(agg.rule, start or {}, states, accs, eligible, top_k=job.spec.top_k, f=agg.f, tau=agg.tau,
-                   iters=agg.iters)
+    combined, chosen, rule = combine(agg.rule, start or {}, states, accs, eligible, top_k=job.spec.top_k, f=agg.f,
+                                     tau=agg.tau, iters=agg.iters)
+    if plain:
+        return combined, chosen, rule
+    state, buffer = outer_step(start, combined, outer_buffer(job, epoch - 1), lr=agg.outer_lr,
+                               momentum=agg.outer_momentum, nesterov=agg.nesterov)
+    if buffer is not None:
+        job.__dict__.setdefault("_outer_buffers", {})[epoch] = buffer
+    kind = "Nesterov" if agg.nesterov else "heavy-ball"
+    return state, chosen, f"{rule}, outer step lr {agg.outer_lr:g}" + (
+        f" with {kind} momentum {agg.outer_momentum:g}" if agg.outer_momentum else "")
 
 
 def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict | None], verdicts: dict) -> dict:
@@ -682,9 +746,11 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict | None], ver
         global_state = job.get_state(have, Kind.GLOBAL)
     if epoch + 1 < job.spec.epochs:
         _put_stage_inputs(job, epoch + 1, global_state)
-    acc, loss = score(job, global_state)
+    val_acc, val_loss = score(job, global_state)
+    acc, loss = reported_score(job, global_state)
     return {"chosen": chosen, "rule": rule, "global_model_cid": have.cid, "global_accuracy": acc,
-            "global_loss": loss, "global_state": global_state}
+            "global_loss": loss, "global_val_accuracy": val_acc, "global_val_loss": val_loss,
+            "global_state": global_state}
 
 
 # -- 10. reward ------------------------------------------------------------------------------

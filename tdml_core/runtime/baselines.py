@@ -1,4 +1,4 @@
-"""Reference points on the same data split: one node, and plain FedAvg."""
+"""Reference points on the same data split: one node, and FedAvg (through the spec's outer optimizer)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,8 @@ from torch import nn
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
 from tdml_core.robust.aggregate import average_states
-from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.context import epoch_seed, load_job, make_optimizer
-from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate, local_records
+from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate, global_record, local_records
 
 
 def local_epoch(model: nn.Module, opt, x, y, spec: JobSpec, seed: int) -> float:
@@ -32,14 +31,7 @@ def local_epoch(model: nn.Module, opt, x, y, spec: JobSpec, seed: int) -> float:
 
 
 def _record(epoch: int, model, ds, local: list[dict], t: float) -> dict:
-    acc, loss = evaluate(model, ds.test_x, ds.test_y)
-    return {
-        "epoch": epoch,
-        "global_accuracy": acc,
-        "global_loss": loss,
-        "local": local,
-        "wall_s": time.perf_counter() - t,
-    }
+    return global_record(epoch, model, ds, local, time.perf_counter() - t)
 
 
 def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
@@ -63,7 +55,13 @@ def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResu
 
 
 def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
-    """``data_parallel`` clients on the same shards; every epoch all of them are averaged."""
+    """``data_parallel`` clients on the same shards; every epoch all of them are averaged.
+
+    The average moves the global model through the spec's outer optimizer (plain
+    averaging by default; with Nesterov momentum it is DiLoCo without the pipelines).
+    """
+    from tdml_core.robust.outer import outer_step
+
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     ds, model = load_job(spec)
@@ -73,6 +71,7 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     opts = [make_optimizer(spec, c.parameters()) for c in clients]
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     result = RunResult(mode="fedavg", plan=None)
+    agg, buffer = spec.aggregation, None
     for epoch in range(spec.epochs):
         te = time.perf_counter()
         losses = []
@@ -81,7 +80,8 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
             losses.append(local_epoch(client, opt, x, y, spec, epoch_seed(spec, epoch, p)))
         states = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in clients]
         scores = cross_validate(model, states, ds)
-        global_state = average_states(states)
+        global_state, buffer = outer_step(global_state, average_states(states), buffer, lr=agg.outer_lr,
+                                          momentum=agg.outer_momentum, nesterov=agg.nesterov)
         model.load_state_dict(global_state)
         rec = _record(epoch, model, ds, local_records(scores, losses, list(range(n))), te)
         result.epochs.append(rec)

@@ -1,4 +1,4 @@
-"""The training engine: pipelines train, local models are cross-validated, top-K averaged.
+"""The training engine: pipelines train, local models are cross-validated and combined, the outer step taken.
 
 ``train`` is the local dry run (no chain, no storage). The protocol runs the
 same steps one at a time through ``PipelineCluster`` and the functions of
@@ -15,7 +15,8 @@ import torch
 
 from tdml_core.config import JobSpec
 from tdml_core.model import StagePlan
-from tdml_core.robust.aggregate import top_k_average
+from tdml_core.robust.combine import combine
+from tdml_core.robust.outer import outer_step
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.cluster import PipelineCluster
 from tdml_core.runtime.context import load_job, make_plan
@@ -39,12 +40,20 @@ EpochCallback = Callable[[dict], None]
 
 
 def cross_validate(model, states: list[dict], ds) -> list[tuple[float, float]]:
-    """(accuracy, loss) of each local model on the test set."""
+    """(accuracy, loss) of each local model on the validation set (never the test set)."""
     scores = []
     for state in states:
         model.load_state_dict(state)
-        scores.append(evaluate(model, ds.test_x, ds.test_y))
+        scores.append(evaluate(model, ds.val_x, ds.val_y))
     return scores
+
+
+def global_record(epoch: int, model, ds, local: list[dict], wall_s: float) -> dict:
+    """One epoch's row: the global model on the test set (reported) and on the validation set (what scored it)."""
+    acc, loss = evaluate(model, ds.test_x, ds.test_y)
+    val_acc, val_loss = evaluate(model, ds.val_x, ds.val_y)
+    return {"epoch": epoch, "global_accuracy": acc, "global_loss": loss, "global_val_accuracy": val_acc,
+            "global_val_loss": val_loss, "local": local, "wall_s": wall_s}
 
 
 def local_records(scores: list[tuple[float, float]], train_losses: list, chosen: list[int]) -> list[dict]:
@@ -62,24 +71,22 @@ def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     plan = make_plan(spec, model, ds)
     global_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     result = RunResult(mode="tdml", plan=plan)
+    agg, buffer = spec.aggregation, None
     with PipelineCluster(spec, plan) as cluster:
         result.startup_s = time.perf_counter() - t0
         for epoch in range(spec.epochs):
             te = time.perf_counter()
             locals_ = cluster.train_epoch(epoch, global_state)
             scores = cross_validate(model, [lc["state"] for lc in locals_], ds)
-            global_state, chosen = top_k_average(
-                [lc["state"] for lc in locals_], [acc for acc, _ in scores], spec.top_k
-            )
+            states = [lc["state"] for lc in locals_]
+            combined, chosen, _ = combine(agg.rule, global_state, states, [acc for acc, _ in scores],
+                                          list(range(len(states))), top_k=spec.top_k, f=agg.f, tau=agg.tau,
+                                          iters=agg.iters)
+            global_state, buffer = outer_step(global_state, combined, buffer, lr=agg.outer_lr,
+                                              momentum=agg.outer_momentum, nesterov=agg.nesterov)
             model.load_state_dict(global_state)
-            g_acc, g_loss = evaluate(model, ds.test_x, ds.test_y)
-            record = {
-                "epoch": epoch,
-                "global_accuracy": g_acc,
-                "global_loss": g_loss,
-                "local": local_records(scores, [lc["train_loss"] for lc in locals_], chosen),
-                "wall_s": time.perf_counter() - te,
-            }
+            record = global_record(epoch, model, ds, local_records(scores, [lc["train_loss"] for lc in locals_],
+                                                                    chosen), time.perf_counter() - te)
             result.epochs.append(record)
             if on_epoch:
                 on_epoch(record)
