@@ -1,11 +1,16 @@
-"""The ``tdml-pipeline-epoch`` flow: one pipeline's trainers train one epoch.
+"""One pipeline's epoch: the ``train epoch`` task, and the ``tdml-pipeline-epoch`` flow for a work pool.
 
-In a local run the ``tdml-train`` flow calls it in-process, once per pipeline,
-concurrently, and the pipeline's stage processes stay up between epochs. With a
-Prefect server it can be deployed on a GPU work pool (``tdml-pipeline-epoch/gpu``
-in prefect.yaml) and started by ``run_deployment``; the run folder's keys and
-the job's chain and store must then be reachable from the worker, and the
-worker starts and stops its own stage processes.
+In a local run the ``tdml-train`` flow submits one ``train epoch`` task per
+pipeline, concurrently; each runs its pipeline's ``train stages`` task nested
+inside it (the UI draws it there), and the pipeline's stage processes stay up
+between epochs. No flow run is started for it: a subflow run per pipeline and
+epoch cost about 3 s of API calls, SQLite lock retries and heartbeat joins.
+
+With a Prefect server the ``tdml-pipeline-epoch`` flow can be deployed on a GPU
+work pool (``tdml-pipeline-epoch/gpu`` in prefect.yaml) and the task starts it
+with ``run_deployment``; the run folder's keys and the job's chain and store
+must then be reachable from the worker, and the worker starts and stops its own
+stage processes.
 """
 
 from __future__ import annotations
@@ -40,7 +45,10 @@ def dispatch(spec: dict, out_dir: str, pipeline: int, epoch: int, attempt: int, 
     """Step 5 for one pipeline: run its epoch here, or on the work pool behind deployment ``pool``."""
     params = {"spec": spec, "out_dir": out_dir, "pipeline": pipeline, "epoch": epoch, "attempt": attempt}
     if pool is None:
-        return pipeline_epoch(**params)
+        job = opened_job(out_dir)
+        if job is None:
+            raise RuntimeError(f"pipeline {pipeline} epoch {epoch}: the job in {out_dir} is not open in this process")
+        return train_stages(job, pipeline, epoch, attempt)
     from prefect.deployments import run_deployment
 
     run = run_deployment(name=pool, parameters=params, timeout=None)
