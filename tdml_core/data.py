@@ -51,8 +51,10 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, seed: int):
     from sklearn.model_selection import train_test_split
 
     counts = np.bincount(y)
-    # stratified when every class can give at least one sample to each side
-    stratify = y if counts[counts > 0].min() >= 2 and round(len(y) * test_fraction) >= (counts > 0).sum() else None
+    classes = int((counts > 0).sum())
+    n_test = int(np.ceil(len(y) * test_fraction))
+    # stratified when every class can give a sample to each side (scikit-learn's condition), else random
+    stratify = y if counts[counts > 0].min() >= 2 and min(n_test, len(y) - n_test) >= classes else None
     return train_test_split(x, y, test_size=test_fraction, random_state=seed, stratify=stratify)
 
 
