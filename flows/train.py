@@ -40,7 +40,9 @@ from tasks.protocol import (
 from tdml_core.config import load_spec
 from tdml_core.protocol.job import Job, forget_job, remember_job
 from tdml_core.protocol.rewards import validator_of
-from tdml_core.report import ACCURACY_SETS, epoch_table, markdown_summary, plot_epochs, plot_verdicts, png_data_url, write_summary
+from tdml_core.report import (
+    ACCURACY_SETS, epoch_table, markdown_summary, plot_epochs, plot_verdicts, png_data_url, write_summary,
+)
 
 # Called with each finished epoch's record (the command's progress display listens here).
 EPOCH_LISTENERS: list[Callable[[dict], None]] = []

@@ -277,7 +277,7 @@ def _put_stage_inputs(job: Job, epoch: int, state: dict) -> None:
 
 
 def shard_model(job: Job) -> dict:
-    """Servers commit their plans; the client's data, eval set and initial model, and epoch 0's stage inputs."""
+    """Servers commit their plans; the client its data shards, validation set, initial model and epoch 0's stage inputs."""
     spec, client = job.spec, job.people.client
     for p, server in enumerate(job.people.servers):
         if job.commitment(0, Kind.PLAN, p) is None:

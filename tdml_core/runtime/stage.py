@@ -69,7 +69,7 @@ class _Trainer:
     """A trainer's keys and store, opened inside its stage process.
 
     It holds its own key and what was sealed to it: its pipeline's data key and
-    its own stage's keys, nothing of other stages or pipelines, nor the eval set's.
+    its own stage's keys, nothing of other stages or pipelines, nor the validation set's.
     """
 
     def __init__(self, src: TrainerSource, pipeline: int, stage: int):
