@@ -39,8 +39,8 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
-    val_x: torch.Tensor | None = None  # scores local models (cross-validation, selection, detection)
-    val_y: torch.Tensor | None = None
+    val_x: torch.Tensor  # scores local models (cross-validation, selection, detection)
+    val_y: torch.Tensor
 
     @property
     def in_channels(self) -> int:

@@ -72,10 +72,11 @@ class Auditor:
         except Exception as exc:  # a damaged address, a journal of another run: say which, in one line
             raise _opening_error(exc) from None
         self.opened: dict[Slot, object] = {}
+        self._test_set: bool | None = None  # whether the client's test set is here (has_test_set)
 
     def has_test_set(self) -> bool:
         """Whether the client's test set (derived from the committed spec's dataset) is on this machine."""
-        if not hasattr(self, "_test_set"):
+        if self._test_set is None:
             from tdml_core.data import DatasetError
 
             try:
@@ -245,7 +246,7 @@ class Auditor:
         return out
 
     def check_epochs(self) -> None:
-        from tdml_core.protocol.steps import global_model, judge, reported_score, score, stage_keys
+        from tdml_core.protocol.steps import global_model, global_scores, judge, score, stage_keys
 
         job, spec = self.job, self.job.spec
         epochs = job.ledger.global_epochs
@@ -318,8 +319,8 @@ class Auditor:
             if set(got) != set(want) or any(not torch.allclose(got[k].double(), want[k].double(), atol=1e-6, rtol=0)
                                             for k in want):
                 self.fail(f"epoch {e}: the committed global model is not {rule} of local models {chosen}")
-            g_val, g_val_loss = score(job, got)
-            g_acc, g_loss = reported_score(job, got) if self.has_test_set() else (None, None)
+            (g_val, g_val_loss), test = global_scores(job, got, with_test=self.has_test_set())
+            g_acc, g_loss = test or (None, None)
             self.derived.append({"epoch": e, "attempt": a, "scores": [sc for sc in scores if sc is not None],
                                  "flagged": expect["flagged"], "chosen": chosen,
                                  "verdicts": [{k: x for k, x in v.items() if k != "evidence"}

@@ -369,19 +369,24 @@ def local_model(job: Job, pipeline: int, epoch: int, attempt: int) -> dict:
     return state
 
 
+def _loaded(job: Job, state: dict) -> torch.nn.Module:
+    model = job.new_model()
+    model.load_state_dict(state)
+    return model
+
+
 def score(job: Job, state: dict) -> tuple[float, float]:
     """(accuracy, loss) of a model on the validation set: what servers score and select with."""
-    model = job.new_model()
-    model.load_state_dict(state)
     x, y, _ = job.eval_set()
-    return evaluate(model, x, y)
+    return evaluate(_loaded(job, state), x, y)
 
 
-def reported_score(job: Job, state: dict) -> tuple[float, float]:
-    """(accuracy, loss) of a model on the client's test set: what is reported, never what selects."""
-    model = job.new_model()
-    model.load_state_dict(state)
-    return evaluate(model, *job.test_set())
+def global_scores(job: Job, state: dict, with_test: bool = True) -> tuple[tuple[float, float], tuple | None]:
+    """A global model's (accuracy, loss) on the validation set, and on the client's test set (what is reported,
+    never what selects; None without ``with_test``): the model is built once for both."""
+    model = _loaded(job, state)
+    x, y, _ = job.eval_set()
+    return evaluate(model, x, y), (evaluate(model, *job.test_set()) if with_test else None)
 
 
 # -- 7. cross-validate --------------------------------------------------------------------
@@ -678,32 +683,24 @@ def committed_scores(job: Job, epoch: int, attempt: int) -> list[dict | None]:
     return out
 
 
+def _outer_buffers(job: Job) -> dict[int, dict]:
+    return job.__dict__.setdefault("_outer_buffers", {})
+
+
 def outer_buffer(job: Job, epoch: int) -> dict | None:
     """The outer optimizer's momentum buffer after ``epoch``, re-derived from the committed epochs (cached).
 
     A function of each epoch's start and combination alone, so a resumed run and the audit
-    reach the one the uninterrupted run held.
+    reach the one the uninterrupted run held: an epoch not seen in this process is rebuilt
+    by ``global_model`` from its committed scores and verdicts, which caches its buffer.
     """
-    from tdml_core.robust.combine import combine
-    from tdml_core.robust.outer import outer_step
-
-    agg = job.spec.aggregation
-    cache = job.__dict__.setdefault("_outer_buffers", {})
-    if epoch < 0 or agg.outer_momentum == 0.0:
+    if epoch < 0 or job.spec.aggregation.outer_momentum == 0.0:
         return None
-    for e in range(epoch + 1):
-        if e in cache:
-            continue
-        a = job.attempt(e)
-        scores = committed_scores(job, e, a)
-        verdicts = job.get_doc(job.must(e, Kind.VERDICTS, attempt=a), Kind.VERDICTS)
-        start = epoch_start(job, e)
-        eligible = [p for p, bad in enumerate(verdicts["flagged"]) if not bad and scores[p] is not None]
-        states = {p: local_model(job, p, e, a) for p in eligible}
-        combined, _, _ = combine(agg.rule, start, states, [None if sc is None else sc["accuracy"] for sc in scores],
-                                 eligible, top_k=job.spec.top_k, f=agg.f, tau=agg.tau, iters=agg.iters)
-        cache[e] = outer_step(start, combined, cache.get(e - 1), lr=agg.outer_lr, momentum=agg.outer_momentum,
-                              nesterov=agg.nesterov)[1]
+    cache = _outer_buffers(job)
+    if epoch not in cache:
+        a = job.attempt(epoch)
+        verdicts = job.get_doc(job.must(epoch, Kind.VERDICTS, attempt=a), Kind.VERDICTS)
+        global_model(job, epoch, a, committed_scores(job, epoch, a), verdicts)
     return cache[epoch]
 
 
@@ -711,7 +708,7 @@ def global_model(job: Job, epoch: int, attempt: int, scores: list[dict | None], 
                  start: dict | None = None) -> tuple[dict, list[int], str]:
     """The rule the spec names over the unflagged local models, then the outer step (the audit calls it too)."""
     from tdml_core.robust.combine import combine
-    from tdml_core.robust.outer import is_plain, outer_step
+    from tdml_core.robust.outer import is_plain, step_by
 
     agg = job.spec.aggregation
     eligible = [p for p, bad in enumerate(verdicts["flagged"]) if not bad and scores[p] is not None]
@@ -726,10 +723,9 @@ def global_model(job: Job, epoch: int, attempt: int, scores: list[dict | None], 
                                      tau=agg.tau, iters=agg.iters)
     if plain:
         return combined, chosen, rule
-    state, buffer = outer_step(start, combined, outer_buffer(job, epoch - 1), lr=agg.outer_lr,
-                               momentum=agg.outer_momentum, nesterov=agg.nesterov)
+    state, buffer = step_by(agg, start, combined, outer_buffer(job, epoch - 1))
     if buffer is not None:
-        job.__dict__.setdefault("_outer_buffers", {})[epoch] = buffer
+        _outer_buffers(job)[epoch] = buffer
     kind = "Nesterov" if agg.nesterov else "heavy-ball"
     return state, chosen, f"{rule}, outer step lr {agg.outer_lr:g}" + (
         f" with {kind} momentum {agg.outer_momentum:g}" if agg.outer_momentum else "")
@@ -746,8 +742,7 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict | None], ver
         global_state = job.get_state(have, Kind.GLOBAL)
     if epoch + 1 < job.spec.epochs:
         _put_stage_inputs(job, epoch + 1, global_state)
-    val_acc, val_loss = score(job, global_state)
-    acc, loss = reported_score(job, global_state)
+    (val_acc, val_loss), (acc, loss) = global_scores(job, global_state)
     return {"chosen": chosen, "rule": rule, "global_model_cid": have.cid, "global_accuracy": acc,
             "global_loss": loss, "global_val_accuracy": val_acc, "global_val_loss": val_loss,
             "global_state": global_state}

@@ -27,6 +27,11 @@ def is_plain(lr: float, momentum: float) -> bool:
     return lr == 1.0 and momentum == 0.0
 
 
+def step_by(agg, start: State, combined: State, buffer: State | None) -> tuple[State, State | None]:
+    """``outer_step`` with the settings of a spec's ``aggregation`` (outer_lr, outer_momentum, nesterov)."""
+    return outer_step(start, combined, buffer, lr=agg.outer_lr, momentum=agg.outer_momentum, nesterov=agg.nesterov)
+
+
 def outer_step(start: State, combined: State, buffer: State | None, *, lr: float, momentum: float,
                nesterov: bool = True) -> tuple[State, State | None]:
     """(the next global model, the new momentum buffer); integer buffers come from ``combined``.

@@ -60,7 +60,7 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     The average moves the global model through the spec's outer optimizer (plain
     averaging by default; with Nesterov momentum it is DiLoCo without the pipelines).
     """
-    from tdml_core.robust.outer import outer_step
+    from tdml_core.robust.outer import step_by
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -80,8 +80,7 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
             losses.append(local_epoch(client, opt, x, y, spec, epoch_seed(spec, epoch, p)))
         states = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in clients]
         scores = cross_validate(model, states, ds)
-        global_state, buffer = outer_step(global_state, average_states(states), buffer, lr=agg.outer_lr,
-                                          momentum=agg.outer_momentum, nesterov=agg.nesterov)
+        global_state, buffer = step_by(agg, global_state, average_states(states), buffer)
         model.load_state_dict(global_state)
         rec = _record(epoch, model, ds, local_records(scores, losses, list(range(n))), te)
         result.epochs.append(rec)

@@ -16,7 +16,7 @@ import torch
 from tdml_core.config import JobSpec
 from tdml_core.model import StagePlan
 from tdml_core.robust.combine import combine
-from tdml_core.robust.outer import outer_step
+from tdml_core.robust.outer import step_by
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.cluster import PipelineCluster
 from tdml_core.runtime.context import load_job, make_plan
@@ -77,13 +77,12 @@ def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
         for epoch in range(spec.epochs):
             te = time.perf_counter()
             locals_ = cluster.train_epoch(epoch, global_state)
-            scores = cross_validate(model, [lc["state"] for lc in locals_], ds)
             states = [lc["state"] for lc in locals_]
+            scores = cross_validate(model, states, ds)
             combined, chosen, _ = combine(agg.rule, global_state, states, [acc for acc, _ in scores],
                                           list(range(len(states))), top_k=spec.top_k, f=agg.f, tau=agg.tau,
                                           iters=agg.iters)
-            global_state, buffer = outer_step(global_state, combined, buffer, lr=agg.outer_lr,
-                                              momentum=agg.outer_momentum, nesterov=agg.nesterov)
+            global_state, buffer = step_by(agg, global_state, combined, buffer)
             model.load_state_dict(global_state)
             record = global_record(epoch, model, ds, local_records(scores, [lc["train_loss"] for lc in locals_],
                                                                     chosen), time.perf_counter() - te)
