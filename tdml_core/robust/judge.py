@@ -151,7 +151,8 @@ def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float) -> tup
     names = sorted(updates[0])
     x = np.stack([_vector(u, names) for u in updates])
     norms = np.linalg.norm(x, axis=1)
-    d = np.linalg.norm(x[:, None, :] - x[None, :, :], axis=2)
+    sq = norms ** 2  # |a - b|² = |a|² + |b|² - 2 a·b: an (n, n) Gram matrix, not an (n, n, d) difference
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))
     scale = np.maximum(norms[:, None], norms[None, :])
     rel = np.where(scale > 0, d / np.where(scale > 0, scale, 1.0), 0.0)
     np.fill_diagonal(rel, np.inf)
