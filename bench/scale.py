@@ -86,6 +86,9 @@ class Job:
         self.servers = _accounts("server", P)
         self.trainers = [_accounts(f"trainer {p}", S) for p in range(P)]
         everyone = [self.client, *self.servers, *(t for row in self.trainers for t in row)]
+        # Blocks big enough for an epoch: on a 30 M gas limit the base fee climbs 1/8 per full block, and
+        # thousands of commitments price themselves out (the gas used is what the table reports).
+        chain.w3.provider.make_request("evm_setBlockGasLimit", [hex(10**12)])
         for i in range(0, len(everyone), 1000):  # the faucet funds every participant
             for who in everyone[i:i + 1000]:
                 chain.w3.provider.make_request("anvil_setBalance", [who.address, hex(10 * ETH)])

@@ -136,8 +136,7 @@ class Auditor:
         m, task_id, n = self.job.market, self.job.job_id, self.task["splits"]
         kind = slot.kind
         if kind in (Kind.WEIGHTS, Kind.GRAD, Kind.ROOT):  # a replacement holds the slot after an eviction
-            if (m.role(task_id, writer) == TRAINER and m.pipeline_of(task_id, writer) == slot.pipeline
-                    and m.stage_of(task_id, writer) == slot.stage):
+            if self._hired_for(writer) == (TRAINER, slot.pipeline, slot.stage):
                 return None
             return m.holder(task_id, slot.pipeline, slot.stage)
         if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
@@ -147,6 +146,15 @@ class Auditor:
         if kind in AGGREGATOR_KINDS:
             return m.server_at(task_id, 0)
         return self.task["client"]
+
+    def _hired_for(self, who: str) -> tuple[int, int, int]:
+        """(role, pipeline, stage) the market records for ``who``, read once per participant (its three
+        commitments of an epoch, WEIGHTS, GRAD and ROOT, are checked against one reading)."""
+        cache = self.__dict__.setdefault("_hired", {})
+        if who not in cache:
+            m, task_id = self.job.market, self.job.job_id
+            cache[who] = (m.role(task_id, who), m.pipeline_of(task_id, who), m.stage_of(task_id, who))
+        return cache[who]
 
     def check_signers(self) -> None:
         """Every commitment was signed by its slot's owner, as the market's hiring records name it."""
