@@ -210,6 +210,7 @@ def run_size(url: str, P: int, S: int, params: int, attack_share: float) -> dict
         t = time.perf_counter()
         auditor = Auditor.__new__(Auditor)
         auditor.say = lambda _msg: None
+        auditor._hired = {}
         auditor.job = SimpleNamespace(chain=chain, ledger=led, market=job.m, job_id=job.task)
         auditor.task = job.m.task(job.task)
         auditor.check_signers()

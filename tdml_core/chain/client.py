@@ -196,10 +196,11 @@ class Chain:
         return self._nonces[address]
 
     # -- building, signing, sending -------------------------------------------
-    def _fees(self) -> dict:
+    def _fees(self, headroom: int = 2) -> dict:
+        """EIP-1559 fees: a cap of ``headroom`` × the latest base fee + the tip (only base fee + tip is paid)."""
         base = self.w3.eth.get_block("latest").get("baseFeePerGas", 10**9)
         tip = 10**9
-        return {"maxFeePerGas": 2 * base + tip, "maxPriorityFeePerGas": tip}
+        return {"maxFeePerGas": headroom * base + tip, "maxPriorityFeePerGas": tip}
 
     def build(self, sender: LocalAccount, tx: dict) -> dict:
         tx = {"from": sender.address, "chainId": self.chain_id, "nonce": self._nonce(sender.address), **tx}
@@ -266,11 +267,8 @@ class Chain:
         if self.url == "embedded":
             return [self.transact(sender, call, value) for sender, call, value in calls]
         with self._lock:
-            # A batch fills blocks, and each full block raises the base fee by 1/8: the cap leaves room for
-            # that (a transaction pays only base fee + tip, whatever its cap).
-            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 10**9)
-            fees = {"maxFeePerGas": 64 * base + 10**9, "maxPriorityFeePerGas": 10**9}
-            gas, raws = {}, []
+            # A batch fills blocks, and each full block raises the base fee by 1/8: the cap leaves room for that.
+            fees, gas, raws = self._fees(headroom=64), {}, []
             for sender, call, value in calls:
                 if call.fn_name not in gas:
                     try:
@@ -292,6 +290,8 @@ class Chain:
                         hashes.append(a["result"])
             except Exception as exc:
                 self._nonces.clear()
+                if isinstance(exc, ChainError):
+                    raise
                 raise ChainError(f"refused: {_reason(exc)}") from None
             receipts = self._receipts(hashes, batch)
             self.tx_count += len(receipts)

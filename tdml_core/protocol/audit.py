@@ -73,6 +73,7 @@ class Auditor:
             raise _opening_error(exc) from None
         self.opened: dict[Slot, object] = {}
         self._test_set: bool | None = None  # whether the client's test set is here (has_test_set)
+        self._hired: dict[str, tuple[int, int, int]] = {}  # writer -> its hiring (_hired_for)
 
     def has_test_set(self) -> bool:
         """Whether the client's test set (derived from the committed spec's dataset) is on this machine."""
@@ -150,11 +151,10 @@ class Auditor:
     def _hired_for(self, who: str) -> tuple[int, int, int]:
         """(role, pipeline, stage) the market records for ``who``, read once per participant (its three
         commitments of an epoch, WEIGHTS, GRAD and ROOT, are checked against one reading)."""
-        cache = self.__dict__.setdefault("_hired", {})
-        if who not in cache:
+        if who not in self._hired:
             m, task_id = self.job.market, self.job.job_id
-            cache[who] = (m.role(task_id, who), m.pipeline_of(task_id, who), m.stage_of(task_id, who))
-        return cache[who]
+            self._hired[who] = (m.role(task_id, who), m.pipeline_of(task_id, who), m.stage_of(task_id, who))
+        return self._hired[who]
 
     def check_signers(self) -> None:
         """Every commitment was signed by its slot's owner, as the market's hiring records name it."""
