@@ -126,7 +126,7 @@ def _run(args, fn, title: str) -> int:
         check_out_folder(out)  # before minutes of training, not after
         args.log_path = out / LOG_NAME
         console = _console()
-        with EpochProgress(console, title, spec.epochs) as progress:
+        with EpochProgress(console, title, spec.rounds) as progress:
             result = fn(spec, on_epoch=progress)
     path = write_summary(out, summary(spec, result))
     plot_epochs(result.epochs, out / "accuracy.png", f"{spec.name} ({result.mode})")
@@ -263,7 +263,8 @@ def cmd_run(args) -> int:
     _prefect_logging(args.log_path, args.verbose)
 
     console = _console()
-    console.print(f"tdml run {args.spec}: {spec.data_parallel} pipelines, {spec.epochs} epochs, chain "
+    console.print(f"tdml run {args.spec}: {spec.data_parallel} pipelines, {spec.epochs} epochs"
+                  f"{f' ({spec.rounds} rounds)' if spec.rounds_per_epoch > 1 else ''}, chain "
                   f"{args.chain or spec.protocol.chain}; starting Prefect (its logs: {args.log_path}) …")
     from flows.train import EPOCH_LISTENERS, tdml_train
 
@@ -272,7 +273,7 @@ def cmd_run(args) -> int:
 
         logging.captureWarnings(True)  # library warnings join Prefect's logs in the file
 
-    with EpochProgress(console, "tdml-train", spec.epochs) as progress:
+    with EpochProgress(console, "tdml-train", spec.rounds) as progress:
         EPOCH_LISTENERS.append(progress)
         try:
             data = tdml_train(spec_path=str(args.spec), out_dir=str(out), resume=args.resume,

@@ -178,9 +178,9 @@ def tdml_train(spec_path: str, out_dir: str, resume: bool = False, chain: str | 
         log = RunLog(job, t0)
         spec_doc = spec.model_dump(mode="json")
         from tdml_core.protocol.steps import dropped_pipelines
-        if job.ledger.global_epochs < spec.epochs:
+        if job.ledger.global_epochs < spec.rounds:
             replace_evicted(job, None)  # an eviction a crash left without its replacement
-        for epoch in range(job.ledger.global_epochs, spec.epochs):
+        for epoch in range(job.ledger.global_epochs, spec.rounds):  # protocol rounds
             dropped = dropped_pipelines(job)
             pipelines = [p for p in range(spec.data_parallel) if p not in dropped]
             times = {}

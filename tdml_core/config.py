@@ -178,7 +178,11 @@ class JobSpec(_Strict):
     data_parallel: int = Field(default=2, ge=1)
     stages: Union[int, Literal["auto"]] = 2
     trainers: list[TrainerSpec] = Field(default_factory=list)  # each pipeline's trainers, stage order
-    epochs: int = Field(default=5, ge=1)
+    epochs: int = Field(default=5, ge=1)  # passes over each pipeline's shard
+    # protocol rounds per epoch: each round trains 1/R of the epoch's batches and is a full protocol round
+    # (commitments, checks, validation, detection, aggregation); every epoch index the protocol keeps (the
+    # ledger's, the records', attacks' from_epoch, detection's window) counts rounds
+    rounds_per_epoch: int = Field(default=1, ge=1, le=64)
     batch_size: int = Field(default=32, ge=1)
     microbatches: int = Field(default=4, ge=1)
     schedule: Literal["gpipe", "1f1b"] = "gpipe"
@@ -247,8 +251,9 @@ class JobSpec(_Strict):
                 raise ValueError(f"attacks: slot {a.slot} is not in {self.data_parallel} pipelines x {self.stages} stages")
             if a.kind == "label_flip" and n_stages and a.stage != n_stages - 1:
                 raise ValueError(f"attacks: label_flip at {a.slot}: only the last stage sees the labels")
-            if a.from_epoch >= self.epochs:
-                raise ValueError(f"attacks: {a.slot} starts at epoch {a.from_epoch}, after the job's last")
+            if a.from_epoch >= self.rounds:
+                raise ValueError(f"attacks: {a.slot} starts at epoch {a.from_epoch}, after the job's last"
+                                 + (f" ({self.rounds} rounds: from_epoch counts rounds)" if self.rounds_per_epoch > 1 else ""))
         agg = self.aggregation
         if agg.rule == "trimmed_mean" and self.data_parallel <= 2 * agg.f:
             raise ValueError(f"aggregation: trimmed_mean with f={agg.f} needs more than {2 * agg.f} pipelines")
@@ -258,6 +263,11 @@ class JobSpec(_Strict):
         if len(set(names)) != len(names):
             raise ValueError("trainer names must be unique")
         return self
+
+    @property
+    def rounds(self) -> int:
+        """Protocol rounds in the job: what the ledger, the records and the loops count as epochs."""
+        return self.epochs * self.rounds_per_epoch
 
     @property
     def microbatch_size(self) -> int:

@@ -55,6 +55,28 @@ def test_batches_are_full_and_seeded():
     assert all((a[1] == b[1]).all() for a, b in zip(got, again))
 
 
+def test_the_rounds_of_an_epoch_train_each_of_its_batches_once_in_order():
+    from tdml_core.config import parse_spec
+    from tdml_core.runtime.context import check_shards, round_batches
+
+    ds = load_dataset(DatasetSpec(name="digits"), seed=0)
+    x, y = ds.train_x[:330], ds.train_y[:330]  # 10 batches of 32
+    one = parse_spec({"batch_size": 32, "microbatches": 4})
+    three = parse_spec({"batch_size": 32, "microbatches": 4, "rounds_per_epoch": 3, "epochs": 2})
+    assert three.rounds == 6
+    for epoch in range(2):
+        whole = round_batches(one, x, y, epoch, pipeline=1)
+        parts = [round_batches(three, x, y, 3 * epoch + r, pipeline=1) for r in range(3)]
+        assert [len(p) for p in parts] == [3, 3, 4]
+        joined = [b for p in parts for b in p]
+        assert len(joined) == len(whole) == 10
+        assert all((a[1] == b[1]).all() and (a[0] == b[0]).all() for a, b in zip(joined, whole))
+    assert not all((a[1] == b[1]).all() for a, b in zip(round_batches(three, x, y, 0, 1), round_batches(three, x, y, 3, 1)))
+    check_shards(three, 2 * 96)  # 3 batches a shard: one a round
+    with pytest.raises(Exception, match="rounds_per_epoch \\(3\\) is more than a pipeline's shard has batches"):
+        check_shards(three, 2 * 95)
+
+
 def _write_cifar(folder, per_batch=20):
     rng = np.random.default_rng(0)
     folder.mkdir()

@@ -193,14 +193,15 @@ def test_a_step_that_fails_once_is_retried_and_the_run_completes(tmp_path):
     assert "audit" not in _quiet_audit(tmp_path / "run")[-1]  # passes: no exception
 
 
-OUTER = {"epochs": 4, "verification": {"checks": 4},
-         "aggregation": {"rule": "top_k", "outer_lr": 0.9, "outer_momentum": 0.5}}  # 2 x 2, an outer Nesterov step
+OUTER = {"epochs": 2, "rounds_per_epoch": 2, "verification": {"checks": 4},  # 2 x 2, 4 rounds, an outer Nesterov step
+         "aggregation": {"rule": "top_k", "outer_lr": 0.9, "outer_momentum": 0.5}}
 
 
 def test_tdml_run_and_tdml_train_agree_epoch_for_epoch_and_the_audit_re_applies_the_outer_step(tmp_path):
     """The same spec and seed: the protocol and the engine give the same local and global numbers every epoch.
 
-    The engine has no detection: the two agree while the protocol flags nobody, as here (asserted)."""
+    Two rounds an epoch, each a full protocol round (4 on the ledger). The engine has
+    no detection: the two agree while the protocol flags nobody, as here (asserted)."""
     from flows.train import tdml_train
     from tdml_core.config import load_spec
     from tdml_core.runtime.engine import train
@@ -226,6 +227,7 @@ def test_tdml_run_and_tdml_train_agree_epoch_for_epoch_and_the_audit_re_applies_
     assert any("outer step lr 0.9 with Nesterov momentum 0.5" in line for line in said)
     # the outer step moved the model: the plain average of the last epoch's local models is not the global model
     job = auditor.job
+    assert job.ledger.global_epochs == 4 and auditor.task["epochs"] == 4  # the market's task counts rounds
     plain = average_states([local_model(job, p, 3, 0) for p in range(2)])
     committed = job.get_state(job.must(3, Kind.GLOBAL), Kind.GLOBAL)
     assert plain.keys() == committed.keys() and len(plain) > 4

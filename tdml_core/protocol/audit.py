@@ -258,8 +258,10 @@ class Auditor:
 
         job, spec = self.job, self.job.spec
         epochs = job.ledger.global_epochs
-        if epochs != spec.epochs:
-            self.fail(f"the ledger has {epochs} global models; the spec asks for {spec.epochs} epochs")
+        if epochs != spec.rounds:
+            self.fail(f"the ledger has {epochs} global models; the spec asks for {spec.rounds} "
+                      + (f"rounds ({spec.epochs} epochs x {spec.rounds_per_epoch})" if spec.rounds_per_epoch > 1
+                         else "epochs"))
         keys = stage_keys(job)
         self.convicted: dict[str, tuple[int, str]] = {}
         self.checked = 0
@@ -398,7 +400,7 @@ class Auditor:
         if not job.ledger.finished or not job.market.task(job.job_id)["settled"]:
             self.fail("the job was not finished and settled")
         done = work_done(job, self.servers, self.holders)
-        planned = planned_units(spec.epochs, spec.data_parallel, job.n_stages)
+        planned = planned_units(spec.rounds, spec.data_parallel, job.n_stages)
         budget, client, bond = task["budget"], task["client"], task["bond"]
         for address in list(done):
             if job.ledger.forfeited(address) and address not in self.convicted:

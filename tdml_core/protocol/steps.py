@@ -150,7 +150,7 @@ def publish_task(job: Job) -> int:
             deadline = job.chain.timestamp() + spec.protocol.deadline_s
             found, _ = job.market.publish_task(
                 client.account, salt, spec.name[:64], spec.protocol.budget_wei, splits=spec.data_parallel,
-                stages=job.n_stages, epochs=spec.epochs, deadline=deadline, pubkey=client.public_key,
+                stages=job.n_stages, epochs=spec.rounds, deadline=deadline, pubkey=client.public_key,
                 bond_wei=spec.protocol.bond_wei,
             )
         job.ref.job_id = found
@@ -740,7 +740,7 @@ def aggregate(job: Job, epoch: int, attempt: int, scores: list[dict | None], ver
         have = job.commit_once(job.people.servers[0], Slot(epoch, Kind.GLOBAL, attempt=attempt), cid, dig)
     else:
         global_state = job.get_state(have, Kind.GLOBAL)
-    if epoch + 1 < job.spec.epochs:
+    if epoch + 1 < job.spec.rounds:
         _put_stage_inputs(job, epoch + 1, global_state)
     (val_acc, val_loss), (acc, loss) = global_scores(job, global_state)
     return {"chosen": chosen, "rule": rule, "global_model_cid": have.cid, "global_accuracy": acc,

@@ -12,15 +12,15 @@ from torch import nn
 from tdml_core.config import JobSpec
 from tdml_core.data import batches, shard
 from tdml_core.robust.aggregate import average_states
-from tdml_core.runtime.context import epoch_seed, load_job, make_optimizer
+from tdml_core.runtime.context import epoch_seed, load_job, make_optimizer, round_batches
 from tdml_core.runtime.engine import EpochCallback, RunResult, cross_validate, global_record, local_records
 
 
-def local_epoch(model: nn.Module, opt, x, y, spec: JobSpec, seed: int) -> float:
-    """One epoch of plain (unsplit) training; the mean batch loss."""
+def local_epoch(model: nn.Module, opt, todo) -> float:
+    """Plain (unsplit) training on the batches ``todo``; the mean batch loss."""
     model.train()
     total, n = 0.0, 0
-    for xb, yb in batches(x, y, spec.batch_size, seed):
+    for xb, yb in todo:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
         loss.backward()
@@ -43,7 +43,7 @@ def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResu
     result = RunResult(mode="single", plan=None)
     for epoch in range(spec.epochs):
         te = time.perf_counter()
-        train_loss = local_epoch(model, opt, ds.train_x, ds.train_y, spec, epoch_seed(spec, epoch, 0))
+        train_loss = local_epoch(model, opt, batches(ds.train_x, ds.train_y, spec.batch_size, epoch_seed(spec, epoch, 0)))
         rec = _record(epoch, model, ds, [], te)
         rec["train_loss"] = train_loss
         result.epochs.append(rec)
@@ -55,7 +55,7 @@ def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResu
 
 
 def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
-    """``data_parallel`` clients on the same shards; every epoch all of them are averaged.
+    """``data_parallel`` clients on the same shards; every round (``rounds_per_epoch`` an epoch) all are averaged.
 
     The average moves the global model through the spec's outer optimizer (plain
     averaging by default; with Nesterov momentum it is DiLoCo without the pipelines).
@@ -72,12 +72,12 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     global_state = {k: v.clone() for k, v in model.state_dict().items()}
     result = RunResult(mode="fedavg", plan=None)
     agg, buffer = spec.aggregation, None
-    for epoch in range(spec.epochs):
+    for epoch in range(spec.rounds):
         te = time.perf_counter()
         losses = []
         for p, (client, opt, (x, y)) in enumerate(zip(clients, opts, shards)):
             client.load_state_dict(global_state)
-            losses.append(local_epoch(client, opt, x, y, spec, epoch_seed(spec, epoch, p)))
+            losses.append(local_epoch(client, opt, round_batches(spec, x, y, epoch, p)))
         states = [{k: v.detach().clone() for k, v in c.state_dict().items()} for c in clients]
         scores = cross_validate(model, states, ds)
         global_state, buffer = step_by(agg, global_state, average_states(states), buffer)

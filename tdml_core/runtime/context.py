@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from tdml_core.config import JobSpec, SpecError
-from tdml_core.data import Dataset, load_dataset
+from tdml_core.data import Dataset, batches, load_dataset
 from tdml_core.model import BYTES_PER_VALUE, OPTIMIZER_STATES, StagePlan, build_model, plan_stages
 
 
@@ -49,14 +49,33 @@ def epoch_seed(spec: JobSpec, epoch: int, pipeline: int) -> int:
     return spec.seed * 1_000_003 + epoch * 1009 + pipeline
 
 
+def round_batches(spec: JobSpec, x: torch.Tensor, y: torch.Tensor, rnd: int, pipeline: int) -> list:
+    """The batches one pipeline trains in protocol round ``rnd``: part ``rnd % R`` of data epoch ``rnd // R``.
+
+    An epoch's batches (its seeded order, ``data.batches``) are cut into
+    ``rounds_per_epoch`` contiguous parts of sizes that differ by at most one, so the
+    rounds of an epoch together train every batch of it once.
+    """
+    epoch, part = divmod(rnd, spec.rounds_per_epoch)
+    every = list(batches(x, y, spec.batch_size, epoch_seed(spec, epoch, pipeline)))
+    n, r = len(every), spec.rounds_per_epoch
+    return every[part * n // r:(part + 1) * n // r]
+
+
 def check_shards(spec: JobSpec, n_train: int) -> None:
-    """Every pipeline's shard (``data.shard``) must hold at least one full batch, or it trains on nothing."""
+    """Every pipeline's shard (``data.shard``) must hold a full batch for every round, or a round trains on nothing."""
     smallest = n_train // spec.data_parallel  # np.array_split: shards differ by at most one sample
     if smallest < spec.batch_size:
         raise SpecError(
             f"batch_size ({spec.batch_size}) is larger than a pipeline's shard: {n_train} training samples "
             f"/ data_parallel ({spec.data_parallel}) = {smallest} sample{'' if smallest == 1 else 's'} per shard; "
             f"lower batch_size or data_parallel"
+        )
+    if smallest // spec.batch_size < spec.rounds_per_epoch:
+        raise SpecError(
+            f"rounds_per_epoch ({spec.rounds_per_epoch}) is more than a pipeline's shard has batches "
+            f"({smallest} samples / batch_size {spec.batch_size} = {smallest // spec.batch_size}); "
+            f"lower rounds_per_epoch or batch_size"
         )
 
 

@@ -74,7 +74,7 @@ def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     agg, buffer = spec.aggregation, None
     with PipelineCluster(spec, plan) as cluster:
         result.startup_s = time.perf_counter() - t0
-        for epoch in range(spec.epochs):
+        for epoch in range(spec.rounds):  # a protocol round each (``rounds_per_epoch`` to an epoch)
             te = time.perf_counter()
             locals_ = cluster.train_epoch(epoch, global_state)
             states = [lc["state"] for lc in locals_]

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from tdml_core import attacks
 from tdml_core.artifacts import get_state, put_state
 from tdml_core.config import JobSpec
-from tdml_core.data import batches, num_batches, shard
+from tdml_core.data import shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
-from tdml_core.runtime.context import epoch_seed, example_microbatch, load_job, make_optimizer, model_for
+from tdml_core.runtime.context import example_microbatch, load_job, make_optimizer, model_for, round_batches
 from tdml_core.verify import merkle, signing
 from tdml_core.verify.records import EpochLog, Recorder
 
@@ -259,7 +259,8 @@ class StageProcess:
         attack = attacks.attack_of(spec, a.pipeline, a.stage, epoch) if first else None
         start = {k: v.detach().cpu().clone() for k, v in start.items()}
         flip = attack is not None and attack.kind == "label_flip" and self.is_last
-        n_batches = num_batches(len(self.y), spec.batch_size)
+        todo = round_batches(spec, self.x, self.y, epoch, a.pipeline)  # ``epoch`` is the protocol's round
+        n_batches = len(todo)
         # a stable seed (a string's hash() changes from process to process): an attack is the same in every run
         gen = torch.Generator().manual_seed(hash((spec.seed, epoch, a.pipeline, a.stage, 0x7A3)) % 2**63)
         self.tamper.begin_epoch(attack, n_batches, gen)
@@ -268,7 +269,7 @@ class StageProcess:
         loss_sum, n = 0.0, 0
         # only a trainer commits its epoch gradient (detection reads it); the dry run skips the sum
         grad_sum = {name: torch.zeros_like(p) for name, p in self.module.named_parameters()} if self.trainer else None
-        for t, (xb, yb) in enumerate(batches(self.x, self.y, spec.batch_size, epoch_seed(spec, epoch, a.pipeline))):
+        for t, (xb, yb) in enumerate(todo):
             self.optimizer.zero_grad(set_to_none=True)
             target = (self.num_classes - 1 - yb) if flip else yb
             skip = self.tamper.begin_step(t)

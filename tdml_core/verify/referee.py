@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from tdml_core.config import JobSpec
-from tdml_core.data import Dataset, batches, shard
+from tdml_core.data import Dataset, shard
 from tdml_core.model import StagePlan, split_model
-from tdml_core.runtime.context import epoch_seed, example_microbatch, make_optimizer, new_model
+from tdml_core.runtime.context import example_microbatch, make_optimizer, new_model, round_batches
 from tdml_core.verify import challenge, signing
 from tdml_core.verify.recompute import Finding, StageReplay
 
@@ -78,7 +78,7 @@ class Referee:
         if key not in self._batches:
             self._batches = {k: v for k, v in self._batches.items() if k[1] == epoch}  # earlier epochs are done
             x, y = self.shard_of(pipeline)
-            self._batches[key] = list(batches(x, y, self.spec.batch_size, epoch_seed(self.spec, epoch, pipeline)))
+            self._batches[key] = round_batches(self.spec, x, y, epoch, pipeline)
         return self._batches[key].__getitem__
 
     def signers(self, pipeline: int, who: dict[Slot, str] | None = None) -> list[str]:
