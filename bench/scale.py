@@ -13,10 +13,12 @@ sign-flipping last stage and score low):
 
 - trainers: each seals its stage weights and puts them in the local content store
   (their own work, in parallel on their own hosts: reported per trainer);
-- chain: the epoch's transactions, each signed by its own writer (the aggregator's
-  attempt and stage slices, every trainer's ``commitWork``, every validator's score,
-  the verdicts, the global model, then each participant's credit), from the first
-  send to the last receipt (``Chain.send_many``);
+- chain: the epoch's transactions (the aggregator's attempt and stage slices, every
+  trainer's ``commitWork``, every validator's score, the verdicts, the global model),
+  from the first send to the last receipt
+  (``Chain.send_signed_many``), on a node that makes a block a second; each is
+  signed by its own writer first (``Chain.sign_many``: on the writers' own hosts, so
+  reported per transaction and not counted in the chain's time);
 - fetch: the aggregator fetches and opens every trainer's weights by id, checking
   each digest;
 - detect: ``judge_epoch`` over the updates of every stage (two_means_pca, loners,
@@ -25,7 +27,10 @@ sign-flipping last stage and score low):
 - audit: the auditor's own signer check (``Auditor.check_signers``: every
   commitment's writer against the market's hiring) over the epoch's events, every
   artifact re-fetched against its committed digest, the verdicts and the global
-  model re-derived and compared.
+  model re-derived and compared;
+- and apart, since it comes once a job and not once an epoch: the credits (each
+  server credits its trainers, the client the servers; one transaction each for all
+  of a participant's epochs, as the reward step sends them).
 
 Prints one table (seconds per part, transactions and gas of the epoch) and writes
 bench/results/scale.md and scale.json.
@@ -67,6 +72,8 @@ RESULTS = ROOT / "bench" / "results"
 ETH = 10**18
 BOND = 10**15
 JOB = 0
+BLOCK_TIME = 1  # seconds between the node's blocks
+ANVIL_ARGS = os.environ.get("TDML_SCALE_ANVIL_ARGS", "").split()
 
 
 def _accounts(tag: str, n: int) -> list:
@@ -86,9 +93,6 @@ class Job:
         self.servers = _accounts("server", P)
         self.trainers = [_accounts(f"trainer {p}", S) for p in range(P)]
         everyone = [self.client, *self.servers, *(t for row in self.trainers for t in row)]
-        # Blocks big enough for an epoch: on a 30 M gas limit the base fee climbs 1/8 per full block, and
-        # thousands of commitments price themselves out (the gas used is what the table reports).
-        chain.w3.provider.make_request("evm_setBlockGasLimit", [hex(10**12)])
         for i in range(0, len(everyone), 1000):  # the faucet funds every participant
             for who in everyone[i:i + 1000]:
                 chain.w3.provider.make_request("anvil_setBalance", [who.address, hex(10 * ETH)])
@@ -157,9 +161,18 @@ def run_size(url: str, P: int, S: int, params: int, attack_share: float) -> dict
         led, f, agg = job.ledger, job.ledger.c.functions, job.servers[0]
         gas: dict[str, int] = {}
         txs: dict[str, int] = {}
+        secs: dict[str, float] = {}
+
+        signing = [0.0]
 
         def phase(name, calls):
-            sent = chain.send_many(calls)
+            """Each writer signs its own transaction (on its own host: not counted as chain time), then the node."""
+            t_sign = time.perf_counter()
+            raws = chain.sign_many([(c[0], c[1], 0) for c in calls])
+            signing[0] += time.perf_counter() - t_sign
+            t_chain = time.perf_counter()
+            sent = chain.send_signed_many(raws)
+            secs[name] = secs.get(name, 0.0) + time.perf_counter() - t_chain
             gas[name] = gas.get(name, 0) + sum(x.gas_used for x in sent)
             txs[name] = txs.get(name, 0) + len(sent)
 
@@ -174,7 +187,7 @@ def run_size(url: str, P: int, S: int, params: int, attack_share: float) -> dict
                              for p in range(P) for s in range(S)])
         phase("scores", [(job.servers[validator_of(p, P)], f.commit(*Slot(0, Kind.SCORE, p).args, cid0,
                                                                     bytes.fromhex(dig0))) for p in range(P)])
-        row["chain_commit_s"] = time.perf_counter() - t
+        row["chain_commit_s"] = time.perf_counter() - t - signing[0]
         # fetch: the aggregator opens every trainer's weights by id, against its committed digest
         t = time.perf_counter()
         got = {(p, s): get_state(store, keys[s], JOB, f"weights {p}/{s}", *put[(p, s)]) for p in range(P) for s in range(S)}
@@ -197,20 +210,17 @@ def run_size(url: str, P: int, S: int, params: int, attack_share: float) -> dict
         global_state, chosen, applied = combine("top_k", _model(start), states, scores, eligible, top_k=len(eligible))
         g_digest = state_digest(global_state)
         row["aggregate_s"] = time.perf_counter() - t
-        t = time.perf_counter()
+        t, signed_before = time.perf_counter(), signing[0]
         v_digest = digest(json.dumps(verdicts["flagged"]).encode())
         phase("verdicts, global", [(agg, f.commit(*Slot(0, Kind.VERDICTS).args, cid0, bytes.fromhex(v_digest)))])
         phase("verdicts, global", [(agg, f.commit(*Slot(0, Kind.GLOBAL).args, cid0, bytes.fromhex(g_digest)))])
-        phase("credit", [(job.servers[p], f.credit(t_.address, [0])) for p in range(P) for t_ in job.trainers[p]
-                         if not any(v["malicious"] and v["trainer"] == t_.address for v in verdicts["verdicts"])])
-        phase("credit", [(job.client, f.credit(s.address, [0])) for s in job.servers])
-        row["chain_close_s"] = time.perf_counter() - t
+        row["chain_close_s"] = time.perf_counter() - t - (signing[0] - signed_before)
         row["chain_s"] = row["chain_commit_s"] + row["chain_close_s"]
         # audit: the signer check over the epoch's events, every artifact again, verdicts and global re-derived
         t = time.perf_counter()
         auditor = Auditor.__new__(Auditor)
         auditor.say = lambda _msg: None
-        auditor._hired = {}
+        auditor._hired, auditor._servers = {}, {}
         auditor.job = SimpleNamespace(chain=chain, ledger=led, market=job.m, job_id=job.task)
         auditor.task = job.m.task(job.task)
         auditor.check_signers()
@@ -228,10 +238,18 @@ def run_size(url: str, P: int, S: int, params: int, attack_share: float) -> dict
             raise SystemExit("the audit did not re-derive the epoch's verdicts and global model")
         row["audit_rederive_s"] = time.perf_counter() - t2
         row["audit_s"] = time.perf_counter() - t
+        # the job's end, once a job and not an epoch: each server credits its trainers' work, the client the
+        # servers' (one transaction per participant for all its epochs, as the protocol's reward step does)
+        phase("credit", [(job.servers[p], f.credit(t_.address, [0])) for p in range(P) for t_ in job.trainers[p]
+                         if not any(v["malicious"] and v["trainer"] == t_.address for v in verdicts["verdicts"])])
+        phase("credit", [(job.client, f.credit(s.address, [0])) for s in job.servers])
+        row["credit_s"], row["credit_tx"], row["credit_gas"] = secs["credit"], txs.pop("credit"), gas.pop("credit")
     row["epoch_tx"] = sum(txs.values())
+    row["sign_ms"] = 1000 * signing[0] / (row["epoch_tx"] + row["credit_tx"])  # each signed on its writer's host
     row["epoch_gas"] = sum(gas.values())
     row["tx"] = txs
     row["gas"] = gas
+    row["chain_parts_s"] = secs
     row["control_plane_s"] = row["chain_s"] + row["fetch_s"] + row["detect_s"] + row["aggregate_s"] + row["audit_s"]
     return row
 
@@ -241,7 +259,13 @@ def _anvil():
     if url:
         return url, None
     pidfile = Path(tempfile.mkdtemp()) / "anvil.pid"
-    url = subprocess.run([str(ROOT / "infra/anvil.sh"), "start", str(pidfile)], check=True, capture_output=True,
+    # A block every BLOCK_TIME s taking every pending transaction (anvil's mine-per-transaction mode left
+    # batched transactions pending), no old states kept, and blocks big enough for an epoch: on a 30 M gas
+    # limit the base fee climbs 1/8 per full block and thousands of commitments price themselves out (the gas
+    # used is what the table reports). anvil rebuilds its whole state at every block (0.25 s an empty block
+    # at 10,000 trainers): at a 0.25 s block time it fell behind and stalled.
+    url = subprocess.run([str(ROOT / "infra/anvil.sh"), "start", str(pidfile), "--block-time", str(BLOCK_TIME),
+                          "--prune-history", "16", "--gas-limit", str(10**12), *ANVIL_ARGS], check=True, capture_output=True,
                          text=True).stdout.strip().splitlines()[-1]
     return url, pidfile
 
@@ -257,14 +281,15 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("| trainers (P × S) | chain | fetch | detect | aggregate | audit | **control plane** | "
-            "epoch tx | epoch gas | gas / trainer | caught | false flags |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| trainers (P × S) | chain | fetch | detect | aggregate | audit | **epoch's control plane** | "
+            "epoch tx | epoch gas | gas / trainer | caught | false flags | credit at the job's end |")
+    lines = [head, "|" + "---|" * 13]
     for r in rows:
         lines.append(f"| {r['trainers']:,} ({r['pipelines']} × {r['stages']}) | {r['chain_s']:.1f} s | {r['fetch_s']:.1f} s"
                      f" | {r['detect_s']:.1f} s | {r['aggregate_s']:.1f} s | {r['audit_s']:.1f} s"
                      f" | **{r['control_plane_s']:.1f} s** | {r['epoch_tx']:,} | {r['epoch_gas']:,}"
-                     f" | {r['epoch_gas'] // r['trainers']:,} | {r['caught']}/{r['attackers']} | {r['false_flags']} |")
+                     f" | {r['epoch_gas'] // r['trainers']:,} | {r['caught']}/{r['attackers']} | {r['false_flags']}"
+                     f" | {r['credit_s']:.1f} s, {r['credit_tx']:,} tx, {r['credit_gas']:,} gas |")
     return "\n".join(lines)
 
 
@@ -287,10 +312,15 @@ def main(argv=None) -> int:
             if pidfile is not None:
                 subprocess.run([str(ROOT / "infra/anvil.sh"), "stop", str(pidfile)], check=False)
         rows.append(r)
-        print(f"  hiring {r['hire_s']:.1f} s ({r['hire_tx']:,} tx, not counted); chain {r['chain_s']:.1f} s, "
+        print(f"  hiring {r['hire_s']:.1f} s ({r['hire_tx']:,} tx, not counted); on each writer's host: put "
+              f"{r['trainer_put_ms']:.1f} ms, sign {r['sign_ms']:.2f} ms a transaction; chain {r['chain_s']:.1f} s, "
               f"fetch {r['fetch_s']:.1f} s, detect {r['detect_s']:.1f} s, aggregate {r['aggregate_s']:.1f} s, "
               f"audit {r['audit_s']:.1f} s (signers {r['audit_signers_s']:.1f} s over {r['events']:,} events): "
-              f"{r['control_plane_s']:.1f} s; {r['epoch_tx']:,} tx, {r['epoch_gas']:,} gas", flush=True)
+              f"{r['control_plane_s']:.1f} s; {r['epoch_tx']:,} tx, {r['epoch_gas']:,} gas; credit at the job's end "
+              f"{r['credit_s']:.1f} s ({r['credit_tx']:,} tx)", flush=True)
+        print("  chain by part: " + ", ".join(f"{k} {v:.1f} s ({r['tx'].get(k, r['credit_tx']):,} tx)"
+                                              for k, v in r["chain_parts_s"].items()),
+              flush=True)
     out = table(rows)
     print(out)
     RESULTS.mkdir(parents=True, exist_ok=True)

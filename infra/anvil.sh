@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real EVM node for integration tests: anvil from npm (@foundry-rs/anvil, a linux binary).
 #   infra/anvil.sh install            install it under infra/node_modules (once)
-#   infra/anvil.sh start PIDFILE      start it on a free loopback port; prints its URL
+#   infra/anvil.sh start PIDFILE [ARG...]  start it on a free loopback port (ARGs go to anvil); prints its URL
 #   infra/anvil.sh stop PIDFILE       stop it by its PID
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -17,10 +17,12 @@ install() {
 }
 
 start() {
-  local pidfile="$1"
+  local pidfile="$1"; shift
   install
   local port; port="$(free_port)"
-  "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 --max-persisted-states 0 \
+  local keep=(--max-persisted-states 0)  # anvil refuses it beside --prune-history, which keeps no state on disk
+  case " $* " in *" --prune-history"*) keep=() ;; esac
+  "$BIN" --host 127.0.0.1 --port "$port" --silent --block-base-fee-per-gas 1000000000 "${keep[@]}" "$@" \
     > "$pidfile.log" 2>&1 &
   echo $! > "$pidfile"
   wait_until "$pidfile" "anvil on port $port" answers "$port"
@@ -35,7 +37,7 @@ answers() {
 cmd="${1:-}"; shift || true
 case "$cmd" in
   install) install ;;
-  start) start "${1:?pidfile}" ;;
+  start) start "${1:?pidfile}" "${@:2}" ;;
   stop) stop_pid "${1:?pidfile}" ;;
-  *) echo "usage: $0 install | start PIDFILE | stop PIDFILE" >&2; exit 2 ;;
+  *) echo "usage: $0 install | start PIDFILE [ANVIL ARG...] | stop PIDFILE" >&2; exit 2 ;;
 esac

@@ -24,7 +24,7 @@ import torch
 
 from tdml_core.artifacts import ArtifactError, open_sealed, state_from_bytes
 from tdml_core.chain.client import ChainError
-from tdml_core.chain.market import TRAINER, Kind, Slot
+from tdml_core.chain.market import SERVER, TRAINER, Kind, Slot
 from tdml_core.crypto import CryptoError, digest
 from tdml_core.identity import Identity
 from tdml_core.protocol.job import Job, JobRef, Participants, ProtocolError, forget_chain, spec_from_doc
@@ -74,6 +74,7 @@ class Auditor:
         self.opened: dict[Slot, object] = {}
         self._test_set: bool | None = None  # whether the client's test set is here (has_test_set)
         self._hired: dict[str, tuple[int, int, int]] = {}  # writer -> its hiring (_hired_for)
+        self._servers: dict[int, str] = {}  # pipeline -> its server (_server_at)
 
     def has_test_set(self) -> bool:
         """Whether the client's test set (derived from the committed spec's dataset) is on this machine."""
@@ -141,24 +142,43 @@ class Auditor:
                 return None
             return m.holder(task_id, slot.pipeline, slot.stage)
         if kind in (Kind.PLAN, Kind.TRAINER_KEYS):
-            return m.server_at(task_id, slot.pipeline)
+            return self._server_at(slot.pipeline)
         if kind in (Kind.SCORE, Kind.CHECKS):  # the validator of a pipeline is also its trainers' referee
-            return m.server_at(task_id, validator_of(slot.pipeline, n))
+            return self._server_at(validator_of(slot.pipeline, n))
         if kind in AGGREGATOR_KINDS:
-            return m.server_at(task_id, 0)
+            return self._server_at(0)
         return self.task["client"]
 
+    def _server_at(self, pipeline: int) -> str:
+        if pipeline not in self._servers:
+            self._servers[pipeline] = self.job.market.server_at(self.job.job_id, pipeline)
+        return self._servers[pipeline]
+
     def _hired_for(self, who: str) -> tuple[int, int, int]:
-        """(role, pipeline, stage) the market records for ``who``, read once per participant (its three
-        commitments of an epoch, WEIGHTS, GRAD and ROOT, are checked against one reading)."""
+        """(role, pipeline, stage) the market records for ``who``: from its Hired event, or read from the
+        market's state for a writer the events do not name."""
         if who not in self._hired:
             m, task_id = self.job.market, self.job.job_id
             self._hired[who] = (m.role(task_id, who), m.pipeline_of(task_id, who), m.stage_of(task_id, who))
         return self._hired[who]
 
+    def hirings(self) -> dict[str, tuple[int, int, int]]:
+        """(role, pipeline, stage) of everyone the market hired for this job, from its Hired events.
+
+        A participant is hired once (the market refuses a second hiring) and its role,
+        pipeline and stage never change after, so the events give what the market's
+        state gives, in one query instead of three calls per participant.
+        """
+        job = self.job
+        last = job.chain.w3.eth.block_number
+        return {ev["who"]: (ev["role"], ev["pipeline"], ev["stage"])
+                for ev in job.chain.logs(job.market.c, "Hired", 0, last, where={"task_id": job.job_id})}
+
     def check_signers(self) -> None:
         """Every commitment was signed by its slot's owner, as the market's hiring records name it."""
         self.events = self.commitments()
+        self._hired.update(self.hirings())
+        self._servers.update({p: who for who, (role, p, _) in self._hired.items() if role == SERVER})
         for ev in self.events:
             owner = self.rightful_writer(ev["slot"], ev["writer"])
             if owner is not None and owner != ev["writer"]:

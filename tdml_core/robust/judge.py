@@ -118,17 +118,25 @@ def update_outliers(updates: Sequence[Mapping[str, np.ndarray]], method: str, se
     return flags, evidence
 
 
-def loners(updates: Sequence[Mapping[str, np.ndarray]], min_similarity: float) -> tuple[list[bool], list[float]]:
+def gram(updates: Sequence[Mapping[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """The (n, n) inner products of a stage's whole updates, and their norms: what ``loners`` and ``copies`` read."""
+    names = sorted(updates[0])
+    x = np.stack([_vector(u, names) for u in updates])
+    g = x @ x.T
+    return g, np.sqrt(np.maximum(np.diag(g), 0.0))
+
+
+def loners(updates: Sequence[Mapping[str, np.ndarray]], min_similarity: float,
+           g: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[bool], list[float]]:
     """Trainers whose update agrees with no other trainer's of the stage (largest cosine below ``min_similarity``).
 
     Honest updates from the same start on shards of one dataset point the same way;
-    noise, or no update at all, agrees with nobody, however many send it.
+    noise, or no update at all, agrees with nobody, however many send it. ``g`` is
+    the stage's ``gram`` when the caller has it.
     """
-    names = sorted(updates[0])
-    x = np.stack([_vector(u, names) for u in updates])
-    norms = np.linalg.norm(x, axis=1)
+    gm, norms = g if g is not None else gram(updates)
     safe = np.where(norms > 0, norms, 1.0)
-    cos = (x @ x.T) / np.outer(safe, safe)
+    cos = gm / np.outer(safe, safe)
     cos[norms == 0, :] = 0.0
     cos[:, norms == 0] = 0.0
     np.fill_diagonal(cos, -np.inf)
@@ -136,23 +144,22 @@ def loners(updates: Sequence[Mapping[str, np.ndarray]], min_similarity: float) -
     return [bool(b < min_similarity) for b in best], [float(b) for b in best]
 
 
-def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float) -> tuple[list[int | None], list[float | None]]:
+def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float,
+           g: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[list[int | None], list[float | None]]:
     """Trainers whose update is a near copy of another's: their distance under ``max_ratio`` × the larger norm.
 
     Honest trainers train on disjoint shards, so no two of them commit the same update
     (on real updates the nearest pair stayed above 0.3 of the larger norm). Colluders who
     commit one shared attacked update (mean-shift, a-little-is-enough, inner-product)
     do. Returns, per trainer, the index of its nearest copy (None: none) and that
-    relative distance.
+    relative distance. ``g`` is the stage's ``gram`` when the caller has it.
     """
     n = len(updates)
     if n < 3:
         return [None] * n, [None] * n
-    names = sorted(updates[0])
-    x = np.stack([_vector(u, names) for u in updates])
-    norms = np.linalg.norm(x, axis=1)
+    gm, norms = g if g is not None else gram(updates)
     sq = norms ** 2  # |a - b|² = |a|² + |b|² - 2 a·b: an (n, n) Gram matrix, not an (n, n, d) difference
-    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * (x @ x.T), 0.0))
+    d = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2.0 * gm, 0.0))
     scale = np.maximum(norms[:, None], norms[None, :])
     rel = np.where(scale > 0, d / np.where(scale > 0, scale, 1.0), 0.0)
     np.fill_diagonal(rel, np.inf)
@@ -161,22 +168,36 @@ def copies(updates: Sequence[Mapping[str, np.ndarray]], max_ratio: float) -> tup
     return [int(j) if r < max_ratio else None for j, r in zip(nearest, ratio)], ratio
 
 
-def outside(update: Mapping[str, np.ndarray], reference: Sequence[Mapping[str, np.ndarray]]) -> float | None:
-    """How far ``update`` lies from the ``reference`` updates, against their own spread.
+def spread(reference: Sequence[Mapping[str, np.ndarray]]) -> dict[str, tuple[np.ndarray, float]] | None:
+    """Per layer group, the ``reference`` updates' mean and the largest distance of one of them to it.
+
+    None with fewer than 2 references. Built once for all the updates ``outside`` measures against it.
+    """
+    if len(reference) < 2:
+        return None
+    out = {}
+    for layer, names in layer_groups(list(reference[0])).items():
+        refs = np.stack([_vector(r, names) for r in reference])
+        centre = refs.mean(axis=0)
+        out[layer] = (centre, float(np.linalg.norm(refs - centre, axis=1).max()))
+    return out
+
+
+def outside(update: Mapping[str, np.ndarray], reference) -> float | None:
+    """How far ``update`` lies from the ``reference`` updates (or their ``spread``), against their own spread.
 
     Per layer group: its distance to the references' mean over the largest distance of a
     reference to that mean; the largest over the layer groups. Below 1 it is nearer the
     centre than some reference is, in every layer group. None with fewer than 2 references.
     """
-    if len(reference) < 2:
+    stats = reference if isinstance(reference, dict) or reference is None else spread(reference)
+    if stats is None:
         return None
     worst = 0.0
-    for names in layer_groups(list(update)).values():
-        refs = np.stack([_vector(r, names) for r in reference])
-        centre = refs.mean(axis=0)
-        spread = float(np.linalg.norm(refs - centre, axis=1).max())
-        if spread > 0:
-            worst = max(worst, float(np.linalg.norm(_vector(update, names) - centre)) / spread)
+    for layer, names in layer_groups(list(update)).items():
+        centre, far = stats[layer]
+        if far > 0:
+            worst = max(worst, float(np.linalg.norm(_vector(update, names) - centre)) / far)
     return worst
 
 
@@ -225,8 +246,9 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
             stage_updates = [updates[(p, s)] for p in active]
             flags, ev = update_outliers(stage_updates, detection.method, dims=detection.dims,
                                         separation=detection.separation, scores=[accuracies[p] for p in active])
-            lone, best = loners(stage_updates, detection.min_similarity)
-            twin, twin_ratio = copies(stage_updates, detection.max_copy_ratio)
+            g = gram(stage_updates)  # once for both tests
+            lone, best = loners(stage_updates, detection.min_similarity, g)
+            twin, twin_ratio = copies(stage_updates, detection.max_copy_ratio, g)
             for i, p in enumerate(active):
                 flagged_by_update[(p, s)] = (flags[i] and p not in fresh) or lone[i] or twin[i] is not None
                 alone[(p, s)], similarity[(p, s)] = lone[i], best[i]
@@ -240,10 +262,14 @@ def judge_epoch(accuracies: Sequence[float | None], updates: Mapping[tuple[int, 
     if run_stage2:
         trusted = [p for p in active if not stage1[p] and p not in fresh
                    and not any(flagged_by_update.get((p, s)) for s in range(n_stages))]
+        spreads: dict[int, dict | None] = {}  # per stage, built on first need: the trusted are the same for all
         for p in active:
             if not stage1[p] or p in fresh or any(flagged_by_update.get((p, s)) for s in range(n_stages)):
                 continue
-            ratios = {s: outside(updates[(p, s)], [updates[(q, s)] for q in trusted]) for s in range(n_stages)}
+            for s in range(n_stages):
+                if s not in spreads:
+                    spreads[s] = spread([updates[(q, s)] for q in trusted])
+            ratios = {s: outside(updates[(p, s)], spreads[s]) for s in range(n_stages)}
             ratios = {s: r for s, r in ratios.items() if r is not None}
             if ratios:
                 s = max(ratios, key=ratios.get)
