@@ -337,10 +337,9 @@ class Chain:
         """Every transaction's receipt (raw JSON-RPC answers, status, gasUsed and blockNumber as ints).
 
         Read a block at a time (``eth_getBlockReceipts``) from ``from_block``, the
-        last block before the first send: a node that looks a receipt up by its
-        hash alone may scan the whole block for it (anvil took 57 s for the 10,000
-        receipts of one block, one by one). A node without that method is asked
-        for each receipt, in batches.
+        last block before the first send: a node's lookup by hash can cost more the
+        bigger the block (anvil took 57 s for the 10,000 receipts of one block, one
+        by one). A node without that method is asked for each receipt, in batches.
         """
         import time
 
