@@ -262,7 +262,7 @@ def _anvil():
     # A block every BLOCK_TIME s taking every pending transaction (anvil's mine-per-transaction mode left
     # batched transactions pending), no old states kept, and blocks big enough for an epoch: on a 30 M gas
     # limit the base fee climbs 1/8 per full block and thousands of commitments price themselves out (the gas
-    # used is what the table reports). anvil rebuilds its whole state at every block (0.25 s an empty block
+    # used is what the table reports). anvil's time for a block grows with its state (0.25 s an empty block
     # at 10,000 trainers): at a 0.25 s block time it fell behind and stalled.
     url = subprocess.run([str(ROOT / "infra/anvil.sh"), "start", str(pidfile), "--block-time", str(BLOCK_TIME),
                           "--prune-history", "16", "--gas-limit", str(10**12), *ANVIL_ARGS], check=True, capture_output=True,
