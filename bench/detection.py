@@ -122,9 +122,9 @@ def inside_ratio(updates: dict, stage: int, attacker: int, honest: list[int]) ->
     nearer the honest centre than some honest trainer is, in every layer: a rule that flags it
     flags that honest trainer too.
     """
-    from tdml_core.robust.judge import outside
+    from tdml_core.robust.judge import outside, spread
 
-    return outside(updates[(attacker, stage)], [updates[(p, stage)] for p in honest])
+    return outside(updates[(attacker, stage)], spread([updates[(p, stage)] for p in honest]))
 
 
 def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,

@@ -332,8 +332,7 @@ class Chain:
                 raise ChainError(f"{len(bad)} of {len(receipts)} transactions reverted (first {bad[0]})")
             return [Sent(dict(r), r["gasUsed"]) for r in receipts]
 
-    def _receipts(self, hashes: list[str], batch: int, from_block: int | None = None,
-                  timeout: float = 300) -> list[dict]:
+    def _receipts(self, hashes: list[str], batch: int, from_block: int, timeout: float = 300) -> list[dict]:
         """Every transaction's receipt (raw JSON-RPC answers, status, gasUsed and blockNumber as ints).
 
         Read a block at a time (``eth_getBlockReceipts``) from ``from_block``, the
@@ -352,8 +351,7 @@ class Chain:
         got: dict[int, dict] = {}
         deadline = time.monotonic() + timeout
         want = {h.lower(): i for i, h in enumerate(hashes)}
-        by_block = from_block is not None
-        block = from_block
+        by_block, block = True, from_block
         while want:
             if by_block:
                 latest = self.w3.eth.block_number
@@ -413,13 +411,10 @@ class Chain:
         inputs = abi["inputs"]
         sig = Web3.keccak(text=f"{event}({','.join(i['type'] for i in inputs)})").to_0x_hex()
         indexed = [i for i in inputs if i.get("indexed")]
-        topics: list = [sig]
-        for i in indexed:  # a topic per indexed argument, up to the last one filtered on
-            topics.append(None)
-        for n, i in enumerate(indexed):
-            if where and i["name"] in where:
-                topics[n + 1] = "0x" + self.w3.codec.encode([i["type"]], [where[i["name"]]]).hex()
-        while topics and topics[-1] is None:
+        where = where or {}
+        topics = [sig] + ["0x" + self.w3.codec.encode([i["type"]], [where[i["name"]]]).hex() if i["name"] in where
+                          else None for i in indexed]  # a topic per indexed argument, up to the last one filtered on
+        while topics[-1] is None:
             topics.pop()
         if self.url == "embedded":  # its provider takes and gives web3's formatted values
             raw = self.w3.eth.get_logs({"address": contract.address, "topics": topics, "fromBlock": from_block,

@@ -183,14 +183,13 @@ def spread(reference: Sequence[Mapping[str, np.ndarray]]) -> dict[str, tuple[np.
     return out
 
 
-def outside(update: Mapping[str, np.ndarray], reference) -> float | None:
-    """How far ``update`` lies from the ``reference`` updates (or their ``spread``), against their own spread.
+def outside(update: Mapping[str, np.ndarray], stats: dict[str, tuple[np.ndarray, float]] | None) -> float | None:
+    """How far ``update`` lies from the reference updates, against their own spread (``stats``: their ``spread``).
 
     Per layer group: its distance to the references' mean over the largest distance of a
     reference to that mean; the largest over the layer groups. Below 1 it is nearer the
     centre than some reference is, in every layer group. None with fewer than 2 references.
     """
-    stats = reference if isinstance(reference, dict) or reference is None else spread(reference)
     if stats is None:
         return None
     worst = 0.0
