@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tdml-installed
 OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean services-up services-down
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -q -e ".[test]"
 	infra/anvil.sh install
 	infra/ipfs.sh install
+	infra/postgres.sh install
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,6 +29,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q --durations=15
+
+# anvil, IPFS, SeaweedFS (S3), PostgreSQL and a Prefect server with its pools, deployments and a worker, on free
+# loopback ports; their addresses in .services/services.json, which `tdml run`, the workers and deployments read
+services-up: $(STAMP)
+	infra/services.sh up
+
+services-down:
+	infra/services.sh down
 
 bench: $(STAMP)
 	$(BIN)/python bench/chain_bench.py

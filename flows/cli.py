@@ -154,6 +154,20 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+    if not os.environ.get("PREFECT_API_URL"):  # the Prefect server of `make services-up`, when it is up
+        from tdml_core.services import ServicesError, prefect_api, services_file
+
+        api = prefect_api()
+        if api:
+            import urllib.request
+
+            try:
+                with urllib.request.urlopen(api + "/health", timeout=10):
+                    pass
+            except OSError:
+                raise ServicesError(f"the Prefect server that {services_file()} names ({api}) does not answer: "
+                                    "`make services-down`, then `make services-up`") from None
+            os.environ["PREFECT_API_URL"] = api
 
 
 def _prefect_logging(log: Path, verbose: bool) -> None:
@@ -194,12 +208,13 @@ def _prefect_logging(log: Path, verbose: bool) -> None:
 def _check_store(spec, out: Path, args) -> None:
     """Open the store the run will use, so that a store that does not answer is refused before Prefect starts."""
     from tdml_core.protocol.job import JobRef
+    from tdml_core.services import resolve_store
     from tdml_core.storage import open_store
 
     if args.resume:
         url = JobRef.load(out).store_url
     else:
-        url = args.store or spec.protocol.store or "local:store"
+        url = resolve_store(args.store or spec.protocol.store or "local:store")
         if url.startswith("local:") and not Path(url[6:]).is_absolute():
             url = f"local:{out / url[6:]}"  # inside the run folder, as steps.prepare makes it
     open_store(url)
@@ -209,10 +224,18 @@ def _check_chain(spec, out: Path, args) -> None:
     """A chain URL that names no node is refused before Prefect starts (the embedded chain is always there)."""
     from tdml_core.chain import Chain
     from tdml_core.protocol.job import JobRef
+    from tdml_core.services import resolve_chain
 
-    url = JobRef.load(out).chain if args.resume else (args.chain or spec.protocol.chain)
+    url = JobRef.load(out).chain if args.resume else resolve_chain(args.chain or spec.protocol.chain)
     if url != "embedded":
         Chain(url)
+
+
+def _chain_named(spec, out: Path, args) -> str:
+    from tdml_core.protocol.job import JobRef
+    from tdml_core.services import resolve_chain
+
+    return JobRef.load(out).chain if args.resume else resolve_chain(args.chain or spec.protocol.chain)
 
 
 def _remove_empty(folder: Path) -> None:
@@ -265,7 +288,8 @@ def cmd_run(args) -> int:
     console = _console()
     console.print(f"tdml run {args.spec}: {spec.data_parallel} pipelines, {spec.epochs} epochs"
                   f"{f' ({spec.rounds} rounds)' if spec.rounds_per_epoch > 1 else ''}, chain "
-                  f"{args.chain or spec.protocol.chain}; starting Prefect (its logs: {args.log_path}) …")
+                  f"{_chain_named(spec, out, args)}; Prefect {os.environ.get('PREFECT_API_URL') or 'server: temporary'} "
+                  f"(its logs: {args.log_path}) …")
     from flows.train import EPOCH_LISTENERS, tdml_train
 
     if not args.verbose:

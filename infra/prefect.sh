@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A Prefect server with TDML's work pools, deployments and a worker, for runs started from the UI or CLI.
-#   infra/prefect.sh start DIR    server on a free port (database in DIR), pools tdml-local and tdml-gpu
+#   infra/prefect.sh start DIR [DB_URL]
+#                                 server on a free port (its database: DB_URL, a SQLAlchemy URL such as
+#                                 infra/postgres.sh prints, or SQLite in DIR), pools tdml-local and tdml-gpu
 #                                 (process), `prefect deploy --all`, a worker on tdml-local; prints the API URL
 #   infra/prefect.sh stop DIR     stop the worker and the server
 # Then: PREFECT_API_URL=<printed URL> prefect deployment run tdml-train/local
@@ -15,6 +17,7 @@ start() {
   local dir; dir="$(mkdir -p "$1" && cd "$1" && pwd)"
   local port; port="$(free_port)"
   export PREFECT_HOME="$dir/home" PREFECT_API_URL="http://127.0.0.1:$port/api" TDML_HOME="$ROOT"
+  if [ -n "${2:-}" ]; then export PREFECT_API_DATABASE_CONNECTION_URL="$2"; fi
   "$PREFECT" server start --host 127.0.0.1 --port "$port" > "$dir/server.pid.log" 2>&1 &
   echo $! > "$dir/server.pid"
   wait_until "$dir/server.pid" "prefect server on port $port" curl -sf "$PREFECT_API_URL/health" -o /dev/null
@@ -35,7 +38,7 @@ stop() {
 
 cmd="${1:-}"; shift || true
 case "$cmd" in
-  start) start "${1:?folder}" ;;
+  start) start "${1:?folder}" "${2:-}" ;;
   stop) stop "${1:?folder}" ;;
-  *) echo "usage: $0 start DIR | stop DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 start DIR [DB_URL] | stop DIR" >&2; exit 2 ;;
 esac

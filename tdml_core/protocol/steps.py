@@ -29,6 +29,7 @@ from tdml_core.protocol.keys import JobKeys
 from tdml_core.protocol.rewards import refund, trainer_earns, validator_of
 from tdml_core.robust.validate import evaluate
 from tdml_core.runtime.context import load_job, make_plan
+from tdml_core.services import resolve_chain, resolve_store
 
 _TRACE_LOCK = threading.Lock()
 SERVER_MEMORY = 16 * 2**30  # what a local parameter server offers on the market
@@ -79,8 +80,9 @@ def prepare(spec: JobSpec, out_dir: str | Path, resume: bool = False, chain: str
         ref = JobRef.load(out)
     else:
         out.mkdir(parents=True, exist_ok=True)
-        store_url = store or spec.protocol.store or "local:store"  # inside the run folder
-        ref = JobRef(out_dir=str(out), chain=chain or spec.protocol.chain, store=store_url, salt=os.urandom(32).hex())
+        store_url = resolve_store(store or spec.protocol.store or "local:store")  # local: inside the run folder
+        ref = JobRef(out_dir=str(out), chain=resolve_chain(chain or spec.protocol.chain), store=store_url,
+                     salt=os.urandom(32).hex())
     job = Job(ref, spec, None)
     job.client_data, job.model, job.plan = ds, model, plan
     job.n_stages = plan.n_stages

@@ -179,14 +179,18 @@ class S3Store(ContentStore):
         import boto3
         from botocore.config import Config
 
+        from tdml_core.services import s3_credentials
+
         self.bucket = bucket
         self.url = f"s3://{bucket}" + (f"?endpoint={endpoint}" if endpoint else "")
+        creds = s3_credentials(endpoint)  # the services file's, for its own S3 server, when the env names none
+        keys = dict(zip(("aws_access_key_id", "aws_secret_access_key"), creds)) if creds else {}
         try:
-            self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+            self.s3 = boto3.client("s3", endpoint_url=endpoint, region_name=region, **keys,
                                    config=Config(connect_timeout=10, retries={"mode": "standard", "max_attempts": 4}))
             # one quick look first: an endpoint that is down or credentials that are refused say so at once,
             # instead of after minutes of retries in the middle of a run
-            probe = boto3.client("s3", endpoint_url=endpoint, region_name=region,
+            probe = boto3.client("s3", endpoint_url=endpoint, region_name=region, **keys,
                                  config=Config(connect_timeout=3, read_timeout=10,
                                                retries={"mode": "standard", "total_max_attempts": 1}))
         except ValueError as exc:  # botocore: "Invalid endpoint: ..."

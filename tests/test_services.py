@@ -1,0 +1,114 @@
+"""`make services-up` / `make services-down`: every real service on free ports, and one file with their addresses.
+
+One slow test starts them all (infra/services.sh, what the make targets run), runs the `tdml-train/services`
+deployment through the Prefect server on PostgreSQL and its worker, with a spec that says `chain: rpc` and
+`store: s3` and no address, audits the run, sees a wrong S3 secret refused in one line, and stops them all.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES = ROOT / "infra" / "services.sh"
+
+
+def _pids(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): int(p.read_text().split()[0]) for p in folder.rglob("*.pid")}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped) is not alive
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("services")
+    env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL",)}
+    env["PREFECT_HOME"] = str(folder / "client-prefect")
+    up = subprocess.run([str(SERVICES), "up", str(folder)], capture_output=True, text=True, timeout=600, env=env)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        doc = json.loads((folder / "services.json").read_text())
+        yield folder, doc, up.stdout, env
+    finally:
+        pids = _pids(folder)
+        down = subprocess.run([str(SERVICES), "down", str(folder)], capture_output=True, text=True, timeout=120)
+        folder.joinpath("down.txt").write_text(down.stdout + down.stderr + json.dumps(pids))
+
+
+@pytest.mark.slow
+def test_services_up_serve_a_deployed_run_by_kind_alone_and_go_down_by_pid(services, tmp_path):
+    folder, doc, printed, env = services
+    assert (folder / "services.json").stat().st_mode & 0o777 == 0o600  # it holds the S3 secret
+    assert set(doc["start_s"]) == {"chain", "ipfs", "s3", "postgres", "prefect"}
+    assert doc["chain"].startswith("http://127.0.0.1:") and doc["prefect_database"].startswith("postgresql://")
+    assert not list((folder / "prefect").rglob("*.db"))  # the Prefect server keeps nothing in SQLite
+    for line in ("chain (anvil)", "IPFS RPC API", "S3 (SeaweedFS)", "PostgreSQL", "Prefect API"):
+        assert line in printed
+
+    env = {**env, "TDML_SERVICES": str(folder / "services.json"), "PREFECT_API_URL": doc["prefect_api"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        env.pop(key, None)  # the worker's flow finds the S3 credentials in the services file
+    spec = yaml.safe_load((ROOT / "examples" / "digits-services.yaml").read_text())
+    spec.update(epochs=1, stages=1, dataset={"name": "digits", "limit": 400})
+    spec_path, out = tmp_path / "spec.yaml", tmp_path / "run"
+    spec_path.write_text(yaml.safe_dump(spec))
+    prefect = Path(sys.executable).with_name("prefect")
+    ran = subprocess.run([str(prefect), "deployment", "run", "tdml-train/services", "--watch",
+                          "--watch-timeout", "600", "-p", f"spec_path={spec_path}", "-p", f"out_dir={out}"],
+                         capture_output=True, text=True, timeout=700, env=env, cwd=ROOT)
+    assert ran.returncode == 0, (ran.stdout + ran.stderr)[-3000:] + \
+        (folder / "prefect" / "worker.pid.log").read_text()[-3000:]
+    assert "finished successfully in 'Completed'" in ran.stdout
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["chain"]["url"] == doc["chain"] and summary["chain"]["chain_id"] == 31337
+    assert summary["store"] == f"s3://tdml?endpoint={doc['s3']['endpoint']}"
+    assert len(summary["rewards"]) == 4 and all(w > 0 for w in summary["rewards"].values())
+    assert not (out / "chain.jsonl").exists()  # the node keeps the chain
+    audited = subprocess.run([sys.executable, "-m", "flows.cli", "audit", str(out)], capture_output=True,
+                             text=True, timeout=600, env=env, cwd=ROOT)
+    assert audited.returncode == 0, audited.stdout[-3000:]
+
+    # the S3 server requires its credentials: a wrong secret is refused before anything starts, in one line
+    wrong = {**env, "AWS_ACCESS_KEY_ID": doc["s3"]["access_key_id"], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}
+    refused = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(spec_path), "--out",
+                              str(tmp_path / "refused")], capture_output=True, text=True, timeout=300, env=wrong,
+                             cwd=ROOT)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().count("\n") == 0, refused.stderr
+    assert "credentials refused" in refused.stderr and doc["s3"]["endpoint"] in refused.stderr
+
+    pids = _pids(folder)
+    assert {"anvil.pid", "ipfs.pid", "s3.pid", "postgres/postgres.pid", "prefect/server.pid",
+            "prefect/worker.pid"} <= set(pids)
+    down = subprocess.run([str(SERVICES), "down", str(folder)], capture_output=True, text=True, timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert not (folder / "services.json").exists()
+    assert [name for name, pid in pids.items() if _alive(pid)] == []
+
+
+def test_a_spec_naming_a_service_with_no_services_file_is_refused_in_one_line(tmp_path):
+    spec = yaml.safe_load((ROOT / "examples" / "digits-services.yaml").read_text())
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "TDML_SERVICES": str(tmp_path / "none" / "services.json")}
+    done = subprocess.run([sys.executable, "-m", "flows.cli", "run", str(spec_path), "--out", str(tmp_path / "r")],
+                          capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert done.returncode == 2
+    line = done.stderr.strip()
+    assert "\n" not in line and "store: s3 needs the services' addresses" in line and "make services-up" in line
+    assert not (tmp_path / "r").exists()  # nothing left behind
