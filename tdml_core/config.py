@@ -166,6 +166,9 @@ class ProtocolSpec(_Strict):
     score_tolerance: float = Field(default=0.15, gt=0, lt=1)  # detection stage 1: accuracy this far below the median
     pipeline_pool: str | None = None  # a deployment (flow/name) to dispatch pipeline epochs to; None runs them here
     standby_trainers: int = Field(default=0, ge=0)  # extra trainers that offer at the start and replace the evicted
+    # activations and gradients between pipeline neighbours: AES-256-GCM with keys from the neighbours' X25519
+    # exchange (a run without identities, `tdml train`, derives them from the seed), or in the clear
+    links: Literal["sealed", "plain"] = "sealed"
 
 
 class JobSpec(_Strict):

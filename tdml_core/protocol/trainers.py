@@ -39,6 +39,8 @@ def trainer_sources(job: Job, pipeline: int) -> dict:
             data_digest=data.digest,
             generation=job.generation(pipeline, s),
             peers=tuple(job.people.trainers[(pipeline, t)].address for t in range(job.n_stages)),
+            peer_publics=tuple(job.public_key(job.people.trainers[(pipeline, t)].address).hex()
+                               for t in range(job.n_stages)),
         )
     return out
 

@@ -19,6 +19,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass, replace as with_fields
+from functools import partial
 from datetime import timedelta
 
 import torch
@@ -31,6 +32,7 @@ from tdml_core.config import JobSpec
 from tdml_core.data import shard
 from tdml_core.model import StagePlan, split_model
 from tdml_core.model.split import quiet_trace_warnings
+from tdml_core.runtime import link
 from tdml_core.runtime.context import example_microbatch, load_job, make_optimizer, model_for, round_batches
 from tdml_core.verify import merkle, signing
 from tdml_core.verify.records import EpochLog, Recorder
@@ -52,6 +54,7 @@ class TrainerSource:
     data_digest: str
     generation: int = 0  # how many trainers held this slot before (the spec's attacks are its first trainer's)
     peers: tuple = ()  # the addresses of the pipeline's trainers, stage by stage (who signs what a stage receives)
+    peer_publics: tuple = ()  # their X25519 keys (hex) as published on the market: the links' key exchange
 
 
 @dataclass
@@ -80,7 +83,7 @@ class _Trainer:
 
         self.src, self.pipeline, self.stage = src, pipeline, stage
         self.store = open_store(src.store_url)
-        me = Identity.load(src.key_file, src.passphrase)
+        me = self.identity = Identity.load(src.key_file, src.passphrase)
         self.sign_key = bytes(me.account.key)  # signs the digests of the messages it sends its neighbours
         held = {}
         for sender, cid, role in ((src.client_public, src.data_key_cid, "data-key"),
@@ -181,7 +184,8 @@ class StageProcess:
         values = _boundary_values(stages, example.to(self.device))
         self.module = stages[args.stage]
         self.num_classes = int(num_classes)
-        stage = PipelineStage(
+        self.links = self._links() if spec.protocol.links == "sealed" and plan.n_stages > 1 else None
+        stage = (partial(link.SealedStage, links=self.links) if self.links else PipelineStage)(
             self.module,
             args.stage,
             plan.n_stages,
@@ -207,6 +211,25 @@ class StageProcess:
         if self.trainer and self.trainer.src.generation > 0:
             self._leave_collusion()
         self.generation = 0  # without a trainer source: how many times ``replace`` gave the slot a new trainer
+
+    def _links(self) -> "link.Links":
+        """This stage's sealed links: keys from the X25519 exchange with each neighbour (or from the seed)."""
+        a, n = self.args, self.args.plan.n_stages
+        directions = link.neighbour_directions(a.stage, n)
+        if self.trainer:
+            from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PublicKey
+
+            from tdml_core.crypto import derive_key
+
+            src, me = self.trainer.src, self.trainer.identity
+            job = str(src.job_id)
+            keys = {(i, j): derive_key(me.x25519, X25519PublicKey.from_public_bytes(
+                        bytes.fromhex(src.peer_publics[j if i == a.stage else i])), link.link_context(job, a.pipeline, i, j))
+                    for i, j in directions}
+        else:
+            job = a.spec.name
+            keys = {(i, j): link.seed_link_key(a.spec.seed, job, a.pipeline, i, j) for i, j in directions}
+        return link.Links(job, a.pipeline, a.stage, keys)
 
     def reset(self, attack_specs: list, collusion_dir: str | None) -> None:
         """A new run on the same process: the given attacks, the slot's first trainer, a fresh optimizer."""
