@@ -20,7 +20,7 @@ taken over epochs 2..N. Prints:
 
 The new figures are printed as markdown and written to bench/results/flow_overhead.md.
 
-    python bench/flow_overhead.py [--spec examples/digits.yaml] [--epochs 6] [--name flow_overhead]
+    python bench/flow_overhead.py [--spec examples/digits.yaml] [--epochs 6] [--name flow_overhead] [--services]
     python bench/flow_overhead.py --spec examples/resnet18-synthetic.yaml --epochs 3 --name flow_overhead-resnet18
 """
 
@@ -170,7 +170,17 @@ def main() -> None:
     ap.add_argument("--spec", default=str(ROOT / "examples" / "digits.yaml"))
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--name", default="flow_overhead", help="results file name under bench/results/")
+    ap.add_argument("--services", action="store_true",
+                    help="run the flows on the Prefect server of `make services-up` (PostgreSQL) instead of a "
+                         "temporary one (SQLite)")
     args = ap.parse_args()
+    if args.services:
+        from tdml_core.services import load
+
+        os.environ["PREFECT_API_URL"] = load("--services")["prefect_api"]
+    server = (f"the Prefect server at {os.environ['PREFECT_API_URL']}" + (" (PostgreSQL, make services-up)"
+              if args.services else "") if os.environ.get("PREFECT_API_URL")
+              else "a temporary Prefect server (SQLite) per run")
     results = RESULTS.with_name(f"{args.name}.md")
     tmp = Path(tempfile.mkdtemp(prefix="tdml-bench-"))
     data = yaml.safe_load(Path(args.spec).read_text())
@@ -218,7 +228,7 @@ def main() -> None:
 
     tx_on, tx_off = journal_txs(tmp / "run", summary), journal_txs(tmp / "run-noverify", summary_off)
     off_mean = statistics.mean(e["wall_s"] for e in summary_off["epochs"][1:])
-    md = [f"Spec {Path(args.spec).name}, {args.epochs} epochs, {os.cpu_count()} CPUs; "
+    md = [f"Spec {Path(args.spec).name}, {args.epochs} epochs, {os.cpu_count()} CPUs, {server}; "
           f"final test accuracy: verification on {summary['final_accuracy']:.4f}, off {summary_off['final_accuracy']:.4f}, "
           f"tdml train {engine.final_accuracy:.4f}.", "",
           f"Epoch wall time (epochs 2..{args.epochs}): tdml train {e_mean:.3f} s; tdml run {f_mean:.3f} s "
