@@ -25,8 +25,6 @@ import traceback
 from contextlib import contextmanager
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-
 LOG_NAME = "tdml.log"  # in the run folder: Prefect's logs, and the traceback of a failure
 
 

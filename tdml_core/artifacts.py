@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
+import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -99,6 +101,50 @@ def put_state(store: ContentStore, key: bytes, job_id: int, role: str, state: di
 def get_state(store: ContentStore, key: bytes, job_id: int, role: str, cid: str, expected_digest: str) -> dict:
     """Fetch by id, open the envelope, check the committed digest, and only then parse."""
     return state_from_bytes(open_sealed(key, bytes(store.get(cid)), job_id, role, cid, expected_digest))
+
+
+class OpenedStates:
+    """States already opened and checked against their committed digest, kept for their next reader.
+
+    An epoch's stage weights are read by cross-validation, detection and aggregation,
+    and the stage inputs the aggregator puts are read back by the next epoch's detection:
+    each is fetched, opened and hashed once. Kept by (cid, digest, role, key), so a hit is
+    exactly what opening would give; least recently used first out past ``max_bytes``.
+    A reader gets its own dict over shared tensors, which it must not change in place.
+    """
+
+    def __init__(self, max_bytes: int = 1 << 30):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[tuple, tuple[dict, int]] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple) -> dict | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return dict(item[0])
+
+    def put(self, key: tuple, state: dict, copy: bool = False) -> None:
+        """Keep ``state`` (a snapshot of it with ``copy``, for a state its owner may still change)."""
+        size = sum(t.numel() * t.element_size() for t in state.values())
+        if size > self.max_bytes:
+            return
+        if copy:
+            state = {k: v.detach().cpu().clone() for k, v in state.items()}
+        with self._lock:
+            if key in self._items:
+                return
+            self._items[key] = (dict(state), size)
+            self._bytes += size
+            while self._bytes > self.max_bytes:
+                _, (_, old) = self._items.popitem(last=False)
+                self._bytes -= old
 
 
 def put_doc(store: ContentStore, key: bytes, job_id: int, role: str, doc: dict) -> tuple[str, str]:

@@ -35,3 +35,23 @@ def test_sealed_state_in_the_store(tmp_path):
     other_cid, _ = put_state(store, key, 5, "local/0", {"w": torch.zeros(2, 3), "n": torch.tensor(3)})
     with pytest.raises(IntegrityError, match="committed digest"):
         get_state(store, key, 5, "local/0", other_cid, dig)  # a swapped artifact under the same role
+
+
+def test_opened_states_give_each_reader_its_own_dict_and_drop_the_least_recently_used():
+    from tdml_core.artifacts import OpenedStates
+
+    a, b = {"w": torch.ones(4)}, {"w": torch.zeros(4)}  # 16 bytes each
+    cache = OpenedStates(max_bytes=40)
+    cache.put(("a",), a, copy=True)
+    a["w"] += 1  # the owner changes its state after putting it: the kept snapshot does not move
+    got = cache.get(("a",))
+    assert torch.equal(got["w"], torch.ones(4))
+    got["extra"] = torch.zeros(1)  # a reader's own dict
+    assert list(cache.get(("a",))) == ["w"]
+    cache.put(("b",), b)
+    cache.get(("a",))  # a is now the most recently used
+    cache.put(("c",), {"w": torch.full((4,), 2.0)})  # 48 bytes > 40: b goes first
+    assert cache.get(("b",)) is None and cache.get(("a",)) is not None and cache.get(("c",)) is not None
+    cache.put(("big",), {"w": torch.zeros(11)})  # larger than the bound: never kept
+    assert cache.get(("big",)) is None and cache.get(("a",)) is not None
+    assert (cache.hits, cache.misses) == (6, 2)

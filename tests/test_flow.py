@@ -359,6 +359,23 @@ def test_each_trainer_opens_only_its_own_shard_and_stage(finished_run):
         open_secrets(me, client_pub, job.job_id, "server-keys", bytes(job.store.get(job.must(0, Kind.SERVER_KEYS, 0).cid)))
 
 
+def test_a_state_is_opened_once_per_process_and_a_wrong_digest_is_still_refused(finished_run):
+    """Job.get_state keeps what it opened: the second read is the same tensors without a fetch; a commitment
+    naming the same artifact with another digest misses the cache and is refused as before."""
+    from tdml_core.chain.market import Commitment, Kind
+    from tdml_core.storage import IntegrityError
+
+    job = __import__("tdml_core.protocol.audit", fromlist=["Auditor"]).Auditor(finished_run, say=lambda _: None).job
+    c = job.must(1, Kind.WEIGHTS, 0, 1)
+    first, hits = job.get_state(c, Kind.WEIGHTS, 0, 1), job.opened.hits
+    again = job.get_state(c, Kind.WEIGHTS, 0, 1)
+    assert job.opened.hits == hits + 1 and again.keys() == first.keys() and again is not first
+    assert all(torch.equal(again[k], first[k]) for k in first)
+    other = job.must(1, Kind.WEIGHTS, 1, 1).digest
+    with pytest.raises(IntegrityError, match="committed digest"):
+        job.get_state(Commitment(c.cid, other, c.writer), Kind.WEIGHTS, 0, 1)
+
+
 def test_servers_score_on_the_validation_set_and_the_test_set_stays_with_the_client(finished_run):
     """What the servers were sealed to score with is the validation set; the reported accuracies are the test set's."""
     from tdml_core.config import load_spec

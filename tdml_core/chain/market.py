@@ -56,7 +56,7 @@ def _digest32(digest: bytes | str) -> bytes:
     return raw
 
 
-@dataclass
+@dataclass(frozen=True)
 class Commitment:
     cid: str
     digest: str  # hex
@@ -84,6 +84,7 @@ class LedgerClient:
     def __init__(self, chain: Chain, address: str):
         self.chain, self.address = chain, address
         self.c = chain.contract("Ledger", address)
+        self._committed: dict[tuple, Commitment] = {}  # a slot is written once ("already committed"), so kept
 
     def commit(self, writer: LocalAccount, slot: Slot, cid: str, digest) -> Sent:
         return self.chain.transact(writer, self.c.functions.commit(*slot.args, cid, _digest32(digest)))
@@ -112,11 +113,17 @@ class LedgerClient:
         return self.chain.transact(client, self.c.functions.finish())
 
     def commitment(self, slot: Slot) -> Commitment | None:
+        """What the slot holds (None: nothing yet). The contract refuses a second write to a slot, so a
+        commitment once read is kept and never asked for again; an empty slot is asked every time."""
+        have = self._committed.get(slot.args)
+        if have is not None:
+            return have
         key = self.c.functions.key(*slot.args).call()
         cid, digest, writer = self.c.functions.commitments(key).call()
         if int(writer, 16) == 0:
             return None
-        return Commitment(cid, digest.hex(), writer)
+        self._committed[slot.args] = have = Commitment(cid, digest.hex(), writer)
+        return have
 
     def owner(self, slot: Slot) -> str:
         return self.c.functions.owner(*slot.args).call()

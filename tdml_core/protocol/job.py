@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from pydantic import BaseModel
 
-from tdml_core.artifacts import get_doc, get_state, put_doc, put_state
+from tdml_core.artifacts import OpenedStates, get_doc, get_state, put_doc, put_state
 from tdml_core.chain import Chain
 from tdml_core.chain.market import Commitment, Kind, LedgerClient, MarketClient, Slot
 from tdml_core.config import GENERATE, JobSpec, parse_spec
@@ -199,6 +199,7 @@ class Job:
         self.client_data = None  # the client's dataset, before it is sharded and sealed
         self.restarted: dict[int, list[str]] = {}  # pipeline -> slots whose processes were started again
         self.failures: dict[int, list[str]] = {}  # pipeline -> what stopped its trainers' processes
+        self.opened = OpenedStates()  # states opened (or put) in this process, for their next reader
 
     # -- identity of the job ----------------------------------------------------
     @property
@@ -262,12 +263,21 @@ class Job:
         self._keys = keys
 
     def put_state(self, kind: Kind, state: dict, pipeline: int = 0, stage: int = 0) -> tuple[str, str]:
-        return put_state(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
-                         role_of(kind, pipeline, stage), state)
+        key, role = self.keys.for_kind(kind, pipeline, stage), role_of(kind, pipeline, stage)
+        cid, dig = put_state(self.store, key, self.job_id, role, state)
+        self.opened.put((cid, dig, role, key), state, copy=True)
+        return cid, dig
 
     def get_state(self, c: Commitment, kind: Kind, pipeline: int = 0, stage: int = 0) -> dict:
-        return get_state(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,
-                         role_of(kind, pipeline, stage), c.cid, c.digest)
+        """A committed state: fetched, opened and checked against its digest once in this process."""
+        key, role = self.keys.for_kind(kind, pipeline, stage), role_of(kind, pipeline, stage)
+        dig = c.digest.removeprefix("0x")
+        state = self.opened.get((c.cid, dig, role, key))
+        if state is None:
+            state = get_state(self.store, key, self.job_id, role, c.cid, dig)
+            self.opened.put((c.cid, dig, role, key), state)
+            state = dict(state)
+        return state
 
     def put_doc(self, kind: Kind, doc: dict, pipeline: int = 0, stage: int = 0) -> tuple[str, str]:
         return put_doc(self.store, self.keys.for_kind(kind, pipeline, stage), self.job_id,

@@ -12,7 +12,8 @@ reached, with what the recomputation gives.
 from __future__ import annotations
 
 import math
-
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -52,6 +53,32 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
+_ONE_THREAD = threading.Lock()
+_ONE_THREAD_USERS = [0, 0]  # checks running now, the thread count to restore when the last one ends
+
+
+@contextmanager
+def one_thread():
+    """Torch on one thread while any check runs, as the stage processes train.
+
+    The thread count is the process's, and referees check pipelines side by side
+    in threads: the first check in sets it, the last one out restores it, so no
+    check ever runs a step on two threads because another one finished.
+    """
+    with _ONE_THREAD:
+        if _ONE_THREAD_USERS[0] == 0:
+            _ONE_THREAD_USERS[1] = torch.get_num_threads()
+            torch.set_num_threads(1)
+        _ONE_THREAD_USERS[0] += 1
+    try:
+        yield
+    finally:
+        with _ONE_THREAD:
+            _ONE_THREAD_USERS[0] -= 1
+            if _ONE_THREAD_USERS[0] == 0:
+                torch.set_num_threads(_ONE_THREAD_USERS[1])
+
+
 @dataclass
 class StageReplay:
     """What the verifier needs to re-run one stage: a copy of its module and how it trains."""
@@ -71,14 +98,11 @@ class StageReplay:
     def check(self, reveal: dict, root_hex: str, step: int) -> Finding:
         # one thread, as the stage processes train: with two, ResNet-18's convolutions sum their gradients in
         # another order, and two steps later its activations were 3e-4 apart (relative) from the trainer's
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._check(reveal, bytes.fromhex(root_hex), int(reveal["leaves"]), step)
-        except _Failed as f:
-            return f.finding
-        finally:
-            torch.set_num_threads(threads)
+        with one_thread():
+            try:
+                return self._check(reveal, bytes.fromhex(root_hex), int(reveal["leaves"]), step)
+            except _Failed as f:
+                return f.finding
 
     def _fail(self, step, what, detail, diff=0.0, segment=(0, 0)):
         raise _Failed(Finding(step, False, what, detail, diff, segment))
