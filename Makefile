@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml $(BIN)/python
 	infra/anvil.sh install
 	infra/ipfs.sh install
 	infra/postgres.sh install
+	infra/chromium.sh install
 	touch $(STAMP)
 
 install: $(STAMP)

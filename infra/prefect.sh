@@ -17,6 +17,7 @@ start() {
   local dir; dir="$(mkdir -p "$1" && cd "$1" && pwd)"
   local port; port="$(free_port)"
   export PREFECT_HOME="$dir/home" PREFECT_API_URL="http://127.0.0.1:$port/api" TDML_HOME="$ROOT"
+  export PREFECT_UI_API_URL="$PREFECT_API_URL"  # the UI's pages call this server's API, not the default port
   if [ -n "${2:-}" ]; then export PREFECT_API_DATABASE_CONNECTION_URL="$2"; fi
   "$PREFECT" server start --host 127.0.0.1 --port "$port" > "$dir/server.pid.log" 2>&1 &
   echo $! > "$dir/server.pid"

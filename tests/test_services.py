@@ -5,8 +5,11 @@ deployment through the Prefect server on PostgreSQL and its worker, with a spec 
 `store: s3` and no address, audits the run, sees a wrong S3 secret refused in one line, and stops them all.
 """
 
+import html
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,48 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES = ROOT / "infra" / "services.sh"
+CHROMIUM = ROOT / "infra" / "chromium.sh"
+
+
+def _page_text(path: Path) -> str:
+    """The words of a dumped DOM, without its scripts and styles."""
+    text = re.sub(r"<script.*?</script>|<style.*?</style>", " ", path.read_text(errors="replace"), flags=re.S)
+    return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
+
+
+def _shot(url: str, tmp_path: Path, name: str) -> str:
+    png, dom = tmp_path / f"ui-{name}.png", tmp_path / f"ui-{name}.html"
+    shot = subprocess.run([str(CHROMIUM), "shot", url, str(png), str(dom)], capture_output=True, text=True,
+                          timeout=300)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    text = _page_text(dom)
+    assert "Can't connect to Server API" not in text, text[-500:]
+    return text
+
+
+def _look_at_the_ui(api: str, run_id: str, run_name: str, job_id: int, tmp_path: Path) -> None:
+    """The Prefect UI in headless Chromium: the run's page, its steps' task-run pages and the artifacts page.
+
+    TDML_UI_SCREENSHOT=PATH keeps the run page's screenshot there (the README's picture)."""
+    import urllib.request
+
+    ui = api.removesuffix("/api")
+    text = _shot(f"{ui}/runs/flow-run/{run_id}", tmp_path, "run")
+    assert run_name in text and "tdml-train" in text and "Task Runs" in text and "Artifacts" in text, text[-1000:]
+    query = json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode()
+    req = urllib.request.Request(f"{api}/task_runs/filter", data=query, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        tasks = {t["name"].rsplit("-", 1)[0]: t["id"] for t in json.load(r)}
+    for step in ("train stages", "cross-validate", "verify work", "aggregate", "reward"):
+        text = _shot(f"{ui}/runs/task-run/{tasks[step]}", tmp_path, step.replace(" ", "-"))
+        assert step in text and run_name in text and "Completed" in text, (step, text[-800:])
+    text = _shot(f"{ui}/artifacts", tmp_path, "artifacts")
+    for key in (f"tdml-job-{job_id}-epoch-0", f"tdml-job-{job_id}-accuracy", f"tdml-job-{job_id}-summary"):
+        assert key in text, (key, text[-800:])
+    keep = os.environ.get("TDML_UI_SCREENSHOT")
+    if keep:
+        shutil.copyfile(tmp_path / "ui-run.png", keep)
 
 
 def _pids(folder: Path) -> dict[str, int]:
@@ -82,6 +127,11 @@ def test_services_up_serve_a_deployed_run_by_kind_alone_and_go_down_by_pid(servi
     audited = subprocess.run([sys.executable, "-m", "flows.cli", "audit", str(out)], capture_output=True,
                              text=True, timeout=600, env=env, cwd=ROOT)
     assert audited.returncode == 0, audited.stdout[-3000:]
+
+    # what the run looks like in the Prefect UI of the services, opened in headless Chromium
+    run_id = re.search(r"UUID: ([0-9a-f-]{36})", ran.stdout).group(1)
+    run_name = re.search(r"Created flow run '([^']+)'", ran.stdout).group(1)
+    _look_at_the_ui(doc["prefect_api"], run_id, run_name, summary["job_id"], tmp_path)
 
     # the S3 server requires its credentials: a wrong secret is refused before anything starts, in one line
     wrong = {**env, "AWS_ACCESS_KEY_ID": doc["s3"]["access_key_id"], "AWS_SECRET_ACCESS_KEY": "not-the-secret"}

@@ -12,7 +12,6 @@ reached, with what the recomputation gives.
 from __future__ import annotations
 
 import math
-import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
@@ -53,30 +52,20 @@ def relative_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
 
 
-_ONE_THREAD = threading.Lock()
-_ONE_THREAD_USERS = [0, 0]  # checks running now, the thread count to restore when the last one ends
-
-
 @contextmanager
 def one_thread():
-    """Torch on one thread while any check runs, as the stage processes train.
+    """Torch on one thread for the calling thread, as the stage processes train.
 
-    The thread count is the process's, and referees check pipelines side by side
-    in threads: the first check in sets it, the last one out restores it, so no
-    check ever runs a step on two threads because another one finished.
+    Torch's thread count belongs to each thread (OpenMP's per-thread setting, MKL's
+    local one), and referees check pipelines side by side in threads: each check sets
+    its own thread's count and gives it back, and no check changes another's.
     """
-    with _ONE_THREAD:
-        if _ONE_THREAD_USERS[0] == 0:
-            _ONE_THREAD_USERS[1] = torch.get_num_threads()
-            torch.set_num_threads(1)
-        _ONE_THREAD_USERS[0] += 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         yield
     finally:
-        with _ONE_THREAD:
-            _ONE_THREAD_USERS[0] -= 1
-            if _ONE_THREAD_USERS[0] == 0:
-                torch.set_num_threads(_ONE_THREAD_USERS[1])
+        torch.set_num_threads(threads)
 
 
 @dataclass
