@@ -153,3 +153,43 @@ def test_a_fraud_proof_convicts_the_forger_and_clears_its_pipeline_neighbour():
     assert out["1/1"]["flagged"] and "proven" not in out["1/1"]  # another pipeline's statistics stand
     assert doc["flagged"] == [True, False]
     assert proofs.failures(None) == {} and proofs.failures(checks[1]) == {}
+
+
+def test_each_side_by_side_check_replays_on_one_thread_and_gives_its_own_count_back():
+    """Referees check pipelines side by side in threads; torch's thread count belongs to each thread, so each
+    check sets its own: a check that ends first must not hand the other one back its threads."""
+    import threading
+
+    from tdml_core.verify.recompute import one_thread
+
+    before = torch.get_num_threads()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = {}
+
+    def first():
+        torch.set_num_threads(2)  # a worker thread that scored a model on two threads before
+        with one_thread():
+            a_in.set()
+            b_in.wait(10)
+            seen["a inside"] = torch.get_num_threads()
+        seen["a after"] = torch.get_num_threads()
+        a_out.set()
+
+    def second():
+        torch.set_num_threads(2)
+        a_in.wait(10)
+        with one_thread():
+            b_in.set()
+            a_out.wait(10)  # the other check has ended and given its own count back
+            x = torch.randn(64, 64)
+            float((x @ x).sum())
+            seen["b inside, after a ended"] = torch.get_num_threads()
+        seen["b after"] = torch.get_num_threads()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert seen == {"a inside": 1, "a after": 2, "b inside, after a ended": 1, "b after": 2}
+    assert torch.get_num_threads() == before  # the caller's own count never moved
