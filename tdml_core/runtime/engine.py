@@ -85,7 +85,8 @@ def train(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
             global_state, buffer = step_by(agg, global_state, combined, buffer)
             model.load_state_dict(global_state)
             record = global_record(epoch, model, ds, local_records(scores, [lc["train_loss"] for lc in locals_],
-                                                                    chosen), time.perf_counter() - te)
+                                                                    chosen), 0.0)
+            record["wall_s"] = time.perf_counter() - te  # the global model's scoring is part of the epoch
             result.epochs.append(record)
             if on_epoch:
                 on_epoch(record)
