@@ -275,8 +275,7 @@ class Job:
         state = self.opened.get((c.cid, dig, role, key))
         if state is None:
             state = get_state(self.store, key, self.job_id, role, c.cid, dig)
-            self.opened.put((c.cid, dig, role, key), state)
-            state = dict(state)
+            self.opened.put((c.cid, dig, role, key), state)  # keeps a dict of its own
         return state
 
     def put_doc(self, kind: Kind, doc: dict, pipeline: int = 0, stage: int = 0) -> tuple[str, str]:

@@ -30,10 +30,6 @@ def local_epoch(model: nn.Module, opt, todo) -> float:
     return total / max(n, 1)
 
 
-def _record(epoch: int, model, ds, local: list[dict], t: float) -> dict:
-    return global_record(epoch, model, ds, local, time.perf_counter() - t)
-
-
 def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
     """The whole training set on one process, no split, no averaging."""
     torch.set_num_threads(1)
@@ -44,7 +40,7 @@ def single_node(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResu
     for epoch in range(spec.epochs):
         te = time.perf_counter()
         train_loss = local_epoch(model, opt, batches(ds.train_x, ds.train_y, spec.batch_size, epoch_seed(spec, epoch, 0)))
-        rec = _record(epoch, model, ds, [], te)
+        rec = global_record(epoch, model, ds, [], te)
         rec["train_loss"] = train_loss
         result.epochs.append(rec)
         if on_epoch:
@@ -82,7 +78,7 @@ def fedavg(spec: JobSpec, on_epoch: EpochCallback | None = None) -> RunResult:
         scores = cross_validate(model, states, ds)
         global_state, buffer = step_by(agg, global_state, average_states(states), buffer)
         model.load_state_dict(global_state)
-        rec = _record(epoch, model, ds, local_records(scores, losses, list(range(n))), te)
+        rec = global_record(epoch, model, ds, local_records(scores, losses, list(range(n))), te)
         result.epochs.append(rec)
         if on_epoch:
             on_epoch(rec)
