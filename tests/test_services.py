@@ -28,14 +28,22 @@ def _page_text(path: Path) -> str:
     return re.sub(r"\s+", " ", html.unescape(re.sub(r"<[^>]+>", " ", text)))
 
 
-def _shot(url: str, tmp_path: Path, name: str) -> str:
+def _shot(url: str, tmp_path: Path, name: str, want: tuple[str, ...] = ()) -> str:
+    """A screenshot and the words of ``url``'s page; taken again (up to 3 times) until every word of ``want`` shows.
+
+    The UI draws a page from several API answers: on a loaded machine the DOM can be dumped after the page's
+    frame has drawn and before a list in it has (an artifacts page showing "3 Artifacts" and no names yet).
+    """
     png, dom = tmp_path / f"ui-{name}.png", tmp_path / f"ui-{name}.html"
-    shot = subprocess.run([str(CHROMIUM), "shot", url, str(png), str(dom)], capture_output=True, text=True,
-                          timeout=300)
-    assert shot.returncode == 0, shot.stderr[-2000:]
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
-    text = _page_text(dom)
-    assert "Can't connect to Server API" not in text, text[-500:]
+    for _ in range(3):
+        shot = subprocess.run([str(CHROMIUM), "shot", url, str(png), str(dom)], capture_output=True, text=True,
+                              timeout=300)
+        assert shot.returncode == 0, shot.stderr[-2000:]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+        text = _page_text(dom)
+        assert "Can't connect to Server API" not in text, text[-500:]
+        if all(w in text for w in want):
+            break
     return text
 
 
@@ -46,17 +54,19 @@ def _look_at_the_ui(api: str, run_id: str, run_name: str, job_id: int, tmp_path:
     import urllib.request
 
     ui = api.removesuffix("/api")
-    text = _shot(f"{ui}/runs/flow-run/{run_id}", tmp_path, "run")
+    text = _shot(f"{ui}/runs/flow-run/{run_id}", tmp_path, "run", (run_name, "Task Runs", "Artifacts"))
     assert run_name in text and "tdml-train" in text and "Task Runs" in text and "Artifacts" in text, text[-1000:]
     query = json.dumps({"flow_runs": {"id": {"any_": [run_id]}}}).encode()
     req = urllib.request.Request(f"{api}/task_runs/filter", data=query, headers={"content-type": "application/json"})
     with urllib.request.urlopen(req, timeout=30) as r:
         tasks = {t["name"].rsplit("-", 1)[0]: t["id"] for t in json.load(r)}
     for step in ("train stages", "cross-validate", "verify work", "aggregate", "reward"):
-        text = _shot(f"{ui}/runs/task-run/{tasks[step]}", tmp_path, step.replace(" ", "-"))
+        text = _shot(f"{ui}/runs/task-run/{tasks[step]}", tmp_path, step.replace(" ", "-"),
+                     (step, run_name, "Completed"))
         assert step in text and run_name in text and "Completed" in text, (step, text[-800:])
-    text = _shot(f"{ui}/artifacts", tmp_path, "artifacts")
-    for key in (f"tdml-job-{job_id}-epoch-0", f"tdml-job-{job_id}-accuracy", f"tdml-job-{job_id}-summary"):
+    keys = (f"tdml-job-{job_id}-epoch-0", f"tdml-job-{job_id}-accuracy", f"tdml-job-{job_id}-summary")
+    text = _shot(f"{ui}/artifacts", tmp_path, "artifacts", keys)
+    for key in keys:
         assert key in text, (key, text[-800:])
     keep = os.environ.get("TDML_UI_SCREENSHOT")
     if keep:
