@@ -25,7 +25,7 @@ A clean run per (P, seed) gives the baseline accuracy and the false positives on
 clean data.
 
     python bench/detection.py [--pipelines 4 8] [--kinds ...] [--placements one same across]
-                              [--seeds 5] [--epochs 8] [--detectors two_means_pca two_means_random mandera]
+                              [--seeds 5] [--epochs 8] [--lr LR] [--batch-size B] [--detectors two_means_pca two_means_random mandera]
 
 Writes bench/results/detection.md (the table), detection.json (every run, epoch by
 epoch, with the separation ratios each detector saw) and detection_projections.png
@@ -70,10 +70,11 @@ def slots_for(placement: str, n_pipelines: int) -> list[str]:
     raise ValueError(placement)
 
 
-def job_spec(n_pipelines: int, epochs: int, seed: int, kind: str | None, slots: list[str], verify: bool = True):
+def job_spec(n_pipelines: int, epochs: int, seed: int, kind: str | None, slots: list[str], verify: bool = True,
+             training: dict | None = None):
     from tdml_core.config import parse_spec
 
-    return parse_spec({
+    return parse_spec({**(training or {}),
         "verification": {"enabled": verify},
         "name": "detection-bench", "model": "digits_cnn", "dataset": {"name": "digits"},
         "data_parallel": n_pipelines, "stages": 2, "epochs": epochs, "seed": seed,
@@ -128,7 +129,7 @@ def inside_ratio(updates: dict, stage: int, attacker: int, honest: list[int]) ->
 
 
 def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: int, epochs: int,
-            detectors: list[str], standbys: bool = True, verify: bool = True) -> dict:
+            detectors: list[str], standbys: bool = True, verify: bool = True, training: dict | None = None) -> dict:
     """Train one spec on ``cluster`` (reset for it), judging every epoch with every detector; detectors[0] decides.
 
     With ``verify`` (the protocol's default) each epoch's work is also checked, as the flow's step does:
@@ -148,7 +149,7 @@ def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: i
     from tdml_core.verify.referee import Referee, slot_records
 
     slots = slots_for(placement, n_pipelines) if kind else []
-    spec = job_spec(n_pipelines, epochs, seed, kind, slots, verify)
+    spec = job_spec(n_pipelines, epochs, seed, kind, slots, verify, training)
     n_stages = 2
     ds, model = load_job(spec)
     referee = Referee(spec, cluster.plan, ds) if verify else None
@@ -471,6 +472,11 @@ def plan_runs(args) -> tuple[list[tuple[int, str | None, str, int]], list[str]]:
     return jobs, notes
 
 
+def training_args(args) -> dict:
+    """The spec's training settings the command line overrides (--lr, --batch-size)."""
+    return {k: v for k in ("lr", "batch_size") if (v := args.__dict__.get(k)) is not None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", type=int, nargs="+", default=[4, 8])
@@ -478,6 +484,8 @@ def main() -> None:
     ap.add_argument("--placements", nargs="+", default=list(PLACEMENTS), choices=PLACEMENTS)
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1")
     ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=None, help="the trainers' learning rate (default: the spec's)")
+    ap.add_argument("--batch-size", type=int, default=None, help="the trainers' batch size (default: the spec's)")
     ap.add_argument("--detectors", nargs="+", default=list(DETECTORS), choices=DETECTORS,
                     help="the first decides (flags, evictions); the others judge the same epochs post hoc")
     ap.add_argument("--no-clean", action="store_true", help="skip the clean baseline runs")
@@ -527,13 +535,14 @@ def main() -> None:
                         cluster.close()
                         cluster = None
                     t = time.perf_counter()
-                    base = job_spec(n, args.epochs, seed, None, [], not args.no_verify)
+                    base = job_spec(n, args.epochs, seed, None, [], not args.no_verify, training_args(args))
                     ds, model = load_job(base)
                     cluster, key = PipelineCluster(base, make_plan(base, model, ds)).start(), (n, seed)
                     print(f"P={n} seed {seed}: {2 * n} stage processes started in {time.perf_counter() - t:.1f} s",
                           flush=True)
                 r = run_one(cluster, n, kind, placement, seed, args.epochs, args.detectors,
-                            standbys=not args.no_standby, verify=not args.no_verify)
+                            standbys=not args.no_standby, verify=not args.no_verify,
+                            training=training_args(args))
             except Exception as exc:  # one failed run does not lose the others
                 failures.append({"run": label, "error": f"{type(exc).__name__}: {exc}"})
                 print(f"[{i}/{len(jobs)}] {label}: FAILED {type(exc).__name__}: {exc}", flush=True)
@@ -578,6 +587,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
     header = (f"# Byzantine detection\n\n`python bench/detection.py --pipelines {' '.join(map(str, args.pipelines))} "
               f"--kinds {' '.join(args.kinds)} --placements {' '.join(args.placements)} --seeds {args.seeds} "
               f"--epochs {args.epochs} --detectors {' '.join(args.detectors)}"
+              + "".join(f" --{k.replace('_', '-')} {v}" for k, v in training_args(args).items())
               + (" --no-verify" if args.__dict__.get("no_verify") else "") + f"` ({len(runs)} runs, {total_s:.0f} s)\n\n"
               + ("statistics alone (no re-run of the trainers' work). " if args.__dict__.get("no_verify") else
                  "Every epoch's work is checked as the flow checks it: a failed check convicts its trainer (a flag "
