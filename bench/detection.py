@@ -392,6 +392,34 @@ def ratio_summary(runs: list[dict], detectors: list[str]) -> str:
     return "\n".join(out)
 
 
+def proof_summary(runs: list[dict]) -> str:
+    """Per kind: attackers convicted by a failed check (and on what), and honest trainers a check convicted."""
+    per_kind: dict[str, dict] = {}
+    for r in runs:
+        k = per_kind.setdefault("clean" if r["kind"] == "none" else r["kind"],
+                                {"attackers": 0, "convicted": 0, "what": {}, "epochs": [], "honest": 0})
+        k["attackers"] += len(r["malicious"])
+        seen = set()
+        for rec in r["records"]:
+            for who, what in rec.get("proven", {}).items():
+                if who in seen:
+                    continue
+                seen.add(who)
+                if who in r["malicious"]:
+                    k["convicted"] += 1
+                    k["what"][what] = k["what"].get(what, 0) + 1
+                    k["epochs"].append(rec["epoch"])
+                else:
+                    k["honest"] += 1
+    lines = []
+    for kind, k in per_kind.items():
+        what = ", ".join(f"{w} {n}" for w, n in sorted(k["what"].items())) or "-"
+        when = f", at epoch {_fmt(_mean(k['epochs']), 1)} on average" if k["epochs"] else ""
+        lines.append(f"- {kind}: {k['convicted']} of {k['attackers']} attackers convicted by a failed check "
+                     f"(first failing field: {what}){when}; honest trainers convicted: {k['honest']}")
+    return "\n".join(lines)
+
+
 def figure(runs: list[dict], layer: str, epoch: int, path: Path) -> str | None:
     """Projected update points of one layer group's trainers in ``epoch``, one panel per kind of FIGURE_KINDS."""
     import matplotlib
@@ -575,6 +603,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
     md = table(runs, args.detectors)
     short = short_table(runs, args.detectors[0])
     ratios = ratio_summary(runs, args.detectors)
+    proven = proof_summary(runs)
     print()
     print(md)
     print()
@@ -582,6 +611,8 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
     print()
     print("separation ratios (centroid distance / within RMS; flags need > the detector's separation):")
     print(ratios)
+    print("re-computation (the checks) alone:")
+    print(proven)
     for line in notes:
         print(line)
     header = (f"# Byzantine detection\n\n`python bench/detection.py --pipelines {' '.join(map(str, args.pipelines))} "
@@ -607,6 +638,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
                                       f"attackers evicted and the mean epoch, honest trainers evicted; final "
                                       f"accuracy and its difference to the clean run in points):\n\n" + short
                                       + "\n\nSeparation ratios:\n\n" + ratios + "\n"
+                                      + "\nRe-computation (the checks) alone:\n\n" + proven + "\n"
                                       + "".join(f"\n{line}\n" for line in notes + [f"FAILED {f}" for f in failures]))
     save_json(args, out, runs, notes, failures, total_s)
     fig = figure(runs, args.figure_layer, args.figure_epoch, out / "detection_projections.png")
