@@ -191,8 +191,17 @@ def run_one(cluster, n_pipelines: int, kind: str | None, placement: str, seed: i
                 if p in active and names[(p, s)] == who:
                     honest = [q for q in active if names[(q, s)] not in bad]
                     inside[who] = inside_ratio(updates, s, p, honest)
+            # the same measure for each honest trainer against the other honest trainers of its stage: how far
+            # out an honest update lies (in a clean run against P - 1 others, as one attacker is measured)
+            honest_inside = {}
+            for s in range(n_stages):
+                ours = [p for p in active if names[(p, s)] not in bad]
+                for p in ours:
+                    others = [q for q in ours if q != p]
+                    if len(others) >= 2:
+                        honest_inside[names[(p, s)]] = inside_ratio(updates, s, p, others)
             record = {"epoch": epoch, "active": list(active), "fresh": sorted(fresh), "accuracies": accuracies,
-                      "inside": inside, "detectors": {}, "proven": {}}
+                      "inside": inside, "honest_inside": honest_inside, "detectors": {}, "proven": {}}
             checks: dict[int, dict] = {}
             if referee is not None:
                 recs = {slot: r for slot, r in slot_records(locals_, cluster.pipeline_ids).items() if slot[0] in active}
@@ -390,6 +399,20 @@ def ratio_summary(runs: list[dict], detectors: list[str]) -> str:
             a = "none"
         out.append(f"- {m}: {c}; attacked stage's layer groups: {a}")
     return "\n".join(out)
+
+
+def honest_spread(runs: list[dict]) -> str:
+    """Per P: how far honest updates lie from the other honest ones of their stage in the clean runs
+    (the ``attacker distance / farthest honest`` measure, applied to each honest trainer)."""
+    lines = []
+    for n in sorted({r["pipelines"] for r in runs}):
+        xs = [x for r in runs if r["pipelines"] == n and r["kind"] == "none"
+              for rec in r["records"] for x in rec.get("honest_inside", {}).values() if x is not None]
+        if xs:
+            lines.append(f"- P = {n}: each honest trainer against the others of its stage, clean runs: median "
+                         f"{statistics.median(xs):.2f}, max {max(xs):.2f} (n={len(xs)}); an attacker below that max "
+                         f"lies no farther out than some honest trainer does")
+    return "\n".join(lines)
 
 
 def proof_summary(runs: list[dict]) -> str:
@@ -604,6 +627,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
     short = short_table(runs, args.detectors[0])
     ratios = ratio_summary(runs, args.detectors)
     proven = proof_summary(runs)
+    honest = honest_spread(runs)
     print()
     print(md)
     print()
@@ -611,6 +635,9 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
     print()
     print("separation ratios (centroid distance / within RMS; flags need > the detector's separation):")
     print(ratios)
+    if honest:
+        print("honest spread:")
+        print(honest)
     print("re-computation (the checks) alone:")
     print(proven)
     for line in notes:
@@ -638,6 +665,7 @@ def report(args, out: Path, runs: list[dict], notes: list[str], failures: list[d
                                       f"attackers evicted and the mean epoch, honest trainers evicted; final "
                                       f"accuracy and its difference to the clean run in points):\n\n" + short
                                       + "\n\nSeparation ratios:\n\n" + ratios + "\n"
+                                      + ("\nHonest spread:\n\n" + honest + "\n" if honest else "")
                                       + "\nRe-computation (the checks) alone:\n\n" + proven + "\n"
                                       + "".join(f"\n{line}\n" for line in notes + [f"FAILED {f}" for f in failures]))
     save_json(args, out, runs, notes, failures, total_s)
